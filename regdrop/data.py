@@ -1,0 +1,295 @@
+"""Data sets: real ones read offline (Fashion-MNIST, CIFAR-10/100, ImageNet) and synthetic.
+
+Small data sets that fit in memory (Fashion-MNIST, CIFAR, synthetic) take a fast tensor
+path: the whole set is held as one uint8 tensor and batches are sliced, normalised and
+augmented on the fly with vectorised tensor ops, instead of decoding a PIL image per
+sample per epoch. ImageNet goes through torchvision's ImageFolder and DataLoader workers.
+
+Nothing is downloaded unless ``data.download=true``; a missing data set stops the run
+before training with a message naming ``data.root`` and how to get the data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from regdrop.errors import ConfigError
+
+# Where Debian's dataset-fashion-mnist package puts the original IDX files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+# Per-channel mean and std of the training sets (0-1 pixel scale).
+STATS = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about its data."""
+
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int
+    num_train: int
+    num_test: int
+
+
+@dataclass
+class Data:
+    info: DataInfo
+    train: TensorLoader | DataLoader
+    test: TensorLoader | DataLoader
+
+
+class TensorLoader:
+    """Batches of an in-memory uint8 image tensor, normalised and augmented per batch.
+
+    Shuffling uses its own generator, so the order of batches is reproducible and does not
+    depend on (or disturb) the global RNG. ``drop_last`` keeps every batch the same size,
+    so that steps per epoch is ``len(images) // batch_size`` exactly.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        drop_last: bool,
+        mean: tuple[float, ...] | None,
+        std: tuple[float, ...] | None,
+        augment: bool = False,
+        crop_padding: int = 4,
+        seed: int = 0,
+    ) -> None:
+        if images.dim() != 4:
+            raise ValueError(f"images must be N x C x H x W, got shape {tuple(images.shape)}")
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
+        self.crop_padding = crop_padding
+        channels = images.shape[1]
+        self.mean = None if mean is None else torch.tensor(mean).view(1, channels, 1, 1)
+        self.std = None if std is None else torch.tensor(std).view(1, channels, 1, 1)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.labels)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for i in range(len(self)):
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self._prepare(self.images[index]), self.labels[index]
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        if self.augment:
+            x = random_crop_flip(x, self.crop_padding, self.generator)
+        if self.mean is not None:
+            x = x.sub_(self.mean).div_(self.std)
+        return x
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """CIFAR-style augmentation of a batch: random crop after zero padding, random h-flip."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w)
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.where(flip.view(n, 1, 1, 1), cols.flip(-1), cols)
+    batch = torch.arange(n).view(n, 1, 1, 1)
+    channel = torch.arange(x.shape[1]).view(1, -1, 1, 1)
+    return padded[batch, channel, rows, cols]
+
+
+def build_data(cfg, seed: int = 0) -> Data:
+    """Build the train and test loaders the config ``data`` section describes."""
+    name = cfg.name
+    if name not in DATASETS:
+        raise ConfigError("data.name", f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
+    if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
+        raise ConfigError("data.batch_size", "batch sizes must be positive integers")
+    if name == "imagenet":
+        return _imagenet(cfg, seed)
+    if name == "synthetic":
+        train_x, train_y, test_x, test_y, num_classes = _synthetic(cfg, seed)
+    elif name == "fashion_mnist":
+        train_x, train_y, test_x, test_y, num_classes = _fashion_mnist(cfg)
+    else:
+        train_x, train_y, test_x, test_y, num_classes = _cifar(cfg)
+    if cfg.subset is not None:
+        if not 0 < cfg.subset <= len(train_y):
+            raise ConfigError("data.subset", f"must be in 1..{len(train_y)} or null, got {cfg.subset}")
+        train_x, train_y = train_x[: cfg.subset], train_y[: cfg.subset]
+    if len(train_y) < cfg.batch_size:
+        raise ConfigError(
+            "data.batch_size",
+            f"{cfg.batch_size} is larger than the {len(train_y)} training images; "
+            "lower data.batch_size or raise data.subset",
+        )
+    mean, std = STATS.get(name, (None, None)) if cfg.normalize else (None, None)
+    info = DataInfo(
+        name=name,
+        num_classes=num_classes,
+        channels=train_x.shape[1],
+        image_size=train_x.shape[-1],
+        num_train=len(train_y),
+        num_test=len(test_y),
+    )
+    padding = 2 if name == "fashion_mnist" else 4
+    train = TensorLoader(
+        train_x, train_y, cfg.batch_size, shuffle=True, drop_last=True, mean=mean, std=std,
+        augment=cfg.augment, crop_padding=padding, seed=seed,
+    )
+    test = TensorLoader(
+        test_x, test_y, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=mean, std=std,
+    )
+    return Data(info, train, test)
+
+
+def _missing(cfg, what: str, how: str) -> ConfigError:
+    return ConfigError(
+        "data.root",
+        f"{what} not found under data.root={cfg.root!r} (resolved: {Path(cfg.root).resolve()}). "
+        f"{how} Then point data.root at it (python train.py data={cfg.name} data.root=/path).",
+    )
+
+
+def _fashion_mnist(cfg):
+    from torchvision.datasets import FashionMNIST
+
+    raw = Path(cfg.root) / "FashionMNIST" / "raw"
+    if not all((raw / f).exists() for f in FASHION_MNIST_FILES):
+        if all((DEBIAN_FASHION_MNIST / f"{f}.gz").exists() for f in FASHION_MNIST_FILES):
+            # Unpack Debian's files once, where torchvision's loader looks for them.
+            raw.mkdir(parents=True, exist_ok=True)
+            for f in FASHION_MNIST_FILES:
+                with gzip.open(DEBIAN_FASHION_MNIST / f"{f}.gz", "rb") as src, open(raw / f, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        elif not cfg.download:
+            raise _missing(
+                cfg,
+                "Fashion-MNIST",
+                "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or run "
+                "once with data.download=true where the network allows.",
+            )
+    try:
+        train = FashionMNIST(cfg.root, train=True, download=cfg.download)
+        test = FashionMNIST(cfg.root, train=False, download=cfg.download)
+    except RuntimeError as err:
+        raise _missing(cfg, "Fashion-MNIST", f"torchvision said: {err}.") from None
+    return (
+        train.data.unsqueeze(1), train.targets.long(),
+        test.data.unsqueeze(1), test.targets.long(), 10,
+    )
+
+
+def _cifar(cfg):
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls, folder, classes = (
+        (CIFAR10, "cifar-10-batches-py", 10) if cfg.name == "cifar10" else (CIFAR100, "cifar-100-python", 100)
+    )
+    if not cfg.download and not (Path(cfg.root) / folder).is_dir():
+        raise _missing(
+            cfg,
+            f"{cfg.name.upper()} ({folder}/)",
+            f"Download the python version from https://www.cs.toronto.edu/~kriz/cifar.html and "
+            f"unpack it into data.root, or run once with data.download=true where the network allows.",
+        )
+    try:
+        train = cls(cfg.root, train=True, download=cfg.download)
+        test = cls(cfg.root, train=False, download=cfg.download)
+    except RuntimeError as err:
+        raise _missing(cfg, cfg.name.upper(), f"torchvision said: {err}.") from None
+
+    def to_tensor(ds):
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        return images, torch.tensor(ds.targets, dtype=torch.long)
+
+    return (*to_tensor(train), *to_tensor(test), classes)
+
+
+def _synthetic(cfg, seed: int):
+    generator = torch.Generator().manual_seed(seed + 1)
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    prototypes = torch.rand((cfg.num_classes, *shape), generator=generator)
+
+    def sample(n: int):
+        labels = torch.randint(0, cfg.num_classes, (n,), generator=generator)
+        noise = torch.randn((n, *shape), generator=generator) * (cfg.noise / 4)
+        images = (prototypes[labels] + noise).clamp_(0, 1).mul_(255).to(torch.uint8)
+        return images, labels
+
+    return (*sample(cfg.num_train), *sample(cfg.num_test), cfg.num_classes)
+
+
+def _imagenet(cfg, seed: int) -> Data:
+    from torchvision import datasets, transforms
+
+    root = Path(cfg.root)
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise _missing(
+            cfg,
+            "ImageNet (train/ and val/ ImageFolder trees)",
+            "Prepare ILSVRC-2012 as <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG.",
+        )
+    mean, std = STATS["imagenet"]
+    norm = [transforms.Normalize(mean, std)] if cfg.normalize else []
+    size = cfg.image_size
+    train_tf = (
+        [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
+        if cfg.augment
+        else [transforms.Resize(int(size * 8 / 7)), transforms.CenterCrop(size)]
+    )
+    test_tf = [transforms.Resize(int(size * 8 / 7)), transforms.CenterCrop(size)]
+    train_set = datasets.ImageFolder(root / "train", transforms.Compose([*train_tf, transforms.ToTensor(), *norm]))
+    test_set = datasets.ImageFolder(root / "val", transforms.Compose([*test_tf, transforms.ToTensor(), *norm]))
+    if cfg.subset is not None:
+        train_set = torch.utils.data.Subset(train_set, range(min(cfg.subset, len(train_set))))
+    generator = torch.Generator().manual_seed(seed)
+    workers = cfg.num_workers
+    train = DataLoader(
+        train_set, cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, generator=generator,
+    )
+    test = DataLoader(test_set, cfg.eval_batch_size, num_workers=workers, pin_memory=torch.cuda.is_available())
+    info = DataInfo("imagenet", len(test_set.classes), 3, size, len(train_set), len(test_set))
+    return Data(info, train, test)

@@ -1,0 +1,21 @@
+"""Train one configuration, or a sweep with -m. See README.md and `python train.py --help`."""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from regdrop.cli import run
+
+# Run folders and data live under the project root, wherever train.py is called from.
+os.environ.setdefault("REGDROP_ROOT", str(Path(__file__).resolve().parent))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
