@@ -105,11 +105,18 @@ class MethodNotApplicable(ValueError):
 _TORCH_DROPOUT_KINDS = {nn.Dropout: "fc", nn.Dropout1d: "token", nn.Dropout2d: "conv"}
 
 
-def site_kind(module: nn.Module) -> str | None:
-    """The site kind of ``module`` if it is a drop site (a `DropSite` or a torch dropout)."""
+def site_kind(module: nn.Module, name: str = "") -> str | None:
+    """The site kind of ``module`` (called ``name``) if it is a drop site, else None.
+
+    A `DropSite` says its kind; a plain torch dropout gets the kind of the activation it
+    expects, and timm's attention-probability dropout (``attn_drop``) is an ``attn`` site.
+    """
     if isinstance(module, DropSite):
         return module.kind
-    return _TORCH_DROPOUT_KINDS.get(type(module))
+    kind = _TORCH_DROPOUT_KINDS.get(type(module))
+    if kind is not None and name.rpartition(".")[2] == "attn_drop":
+        return "attn"
+    return kind
 
 
 def find_sites(model: nn.Module, kinds: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -124,7 +131,7 @@ def find_sites(model: nn.Module, kinds: Iterable[str] | None = None) -> list[tup
         raise ValueError(f"sites: unknown site kind(s) {sorted(unknown)}; valid: {list(SITE_KINDS)}")
     found = []
     for name, module in model.named_modules():
-        kind = site_kind(module)
+        kind = site_kind(module, name)
         if kind is not None and (wanted is None or kind in wanted):
             found.append((name, module))
     return found
@@ -143,6 +150,10 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
         parent[int(child)] = new
     else:
         setattr(parent, child, new)
+    if child == "attn_drop" and getattr(parent, "fused_attn", False):
+        # timm's fused attention reads ``attn_drop.p`` as a float and never calls the
+        # module; the explicit path calls it, so the new layer actually runs.
+        parent.fused_attn = False
     return old
 
 

@@ -1,0 +1,465 @@
+"""Gyro dropout (Lee et al., "Gyro Dropout: Maximizing Ensemble Effect in Neural Network
+Training", MLSys 2022).
+
+Plain dropout draws a fresh mask for every sample of every step, so almost every one of
+the 2^d subnetworks it samples is trained only once. Gyro dropout fixes a *bank* of
+``sigma`` masks per dropout layer before training and trains only those: the run is cut
+into periods, each period activates ``tau`` of the masks, and the batch is split into
+``tau`` contiguous sub-batches, sub-batch ``k`` using the ``k``-th active mask. Each mask
+thus sees about ``total samples / sigma`` samples, enough to become a trained member of
+an implicit ensemble. Evaluation is the identity, as for inverted dropout.
+
+The variant implemented here, and how it differs from the authors' TF code and from
+Composer's ``GyroDropoutLayer``:
+
+* **Bank as scores.** The bank holds ``sigma x d`` uniform scores drawn once; the mask in
+  force is ``scores >= rate``, so each unit is kept with probability ``1 - rate``.
+  *What a changing rate means for gyro:* a drop-rate schedule (early/late dropout) moves
+  ``rate``, not the bank, so the ``sigma`` subnetworks keep their identities and stay
+  nested: at a lower rate each mask keeps a superset of the units it kept at a higher
+  rate, and rate 0 keeps everything (the exact identity).
+* **Periods count optimizer steps** (`begin_step`), never forward calls, so gradient
+  accumulation does not shorten them. Period length follows the authors' rule
+  ``max(1, total_steps // max(1, sigma // tau))`` (`gyro_period`); it is set by
+  `setup_run` (the trainer calls it) or by the ``total_steps`` argument.
+* **Selection without replacement by default.** The authors and Composer draw each
+  period's ``tau`` masks independently, so over ``sigma / tau`` periods about
+  ``(1 - 1/e)`` ~ 63% of the bank is ever trained. Here the periods walk a random
+  permutation of the bank in chunks of ``tau``, so with ``sigma % tau == 0`` every mask
+  is trained exactly once every ``sigma // tau`` periods. When ``sigma % tau != 0`` the
+  period that reaches the end of a permutation takes its leftover masks and tops up with
+  the first masks of a fresh permutation that are not among them (the period still has
+  ``tau`` distinct masks); the masks used for the top-up are moved to the front of the
+  fresh permutation and count as its first ones, so every mask is still used exactly
+  once per permutation. ``with_replacement=True`` gives the authors' behaviour: every
+  period draws ``tau`` distinct masks independently of earlier periods.
+* **Selection is a function of (seed, period index).** Jumping to a later step replays
+  the skipped draws and going back restarts from the seed, so the masks at a step do not
+  depend on how `begin_step` was called; everything is drawn from module-owned, seeded
+  CPU generators (never the global or a rank-dependent RNG), so all data-parallel ranks
+  agree without communication.
+* **Any batch and any shape.** Sample ``i`` of a batch of ``B`` uses active mask
+  ``floor(i * tau / B)``, so ``B % tau != 0`` and ``B < tau`` work (with ``B < tau`` some
+  active masks get no sample this step). The mask is broadcast along ``mask_axis`` only:
+  ``-1`` for ``B x F`` features and ``B x T x C`` tokens (one mask per sample, shared by
+  its tokens), ``1`` for ``B x C x H x W`` conv maps (whole channels). Masks are built on
+  the input's device in its dtype.
+* **Scaling.** ``"expected"`` (default, as Composer): survivors times ``1 / (1 - rate)``.
+  ``"empirical"`` (authors' TF code): survivors of mask ``k`` times ``d / (units mask k
+  keeps)``, so every sub-batch keeps its mean exactly rather than on average.
+* **Exact resume.** Bank, active selection, step, period, permutation and generator
+  state are all in the ``state_dict``; a lazily sized bank (``width=None``) is resized
+  when loaded into a fresh module.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from regdrop.methods.base import (
+    DropModule,
+    MethodNotApplicable,
+    SurgeryReport,
+    check_rate,
+    find_sites,
+    replace_module,
+    site_kind,
+)
+
+SCALINGS = ("expected", "empirical")
+# The activation axis a gyro mask covers, per site kind; attention probabilities are not
+# a layer's features, so gyro does not apply to ``attn`` sites.
+GYRO_MASK_AXIS = {"fc": -1, "token": -1, "conv": 1}
+
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed derived from ``seed`` and ``keys`` (splitmix64), for independent streams.
+
+    Distinct ``(seed, keys)`` give unrelated seeds, so the bank and selection streams of one
+    layer, and the layers of one model, never share a generator sequence.
+    """
+    state = seed & _MASK64
+    for key in (*keys, 0):
+        state = (state + 0x9E3779B97F4A7C15 + (key & _MASK64)) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state >> 1
+
+
+def gyro_period(total_steps: int, sigma: int, tau: int) -> int:
+    """Optimizer steps per selection period: the authors' ``total_steps // (sigma // tau)``.
+
+    Never below 1 (no division by zero when ``total_steps < sigma // tau``).
+    """
+    return max(1, total_steps // max(1, sigma // tau))
+
+
+def gyro_masks(
+    scores: torch.Tensor, rate: torch.Tensor | float, scaling: str = "expected"
+) -> torch.Tensor:
+    """Scaled float32 masks from uniform ``scores`` (``k x d``): a unit is kept if score >= rate."""
+    keep = (scores >= rate).float()
+    if scaling == "expected":
+        return keep / (1.0 - torch.as_tensor(rate, dtype=torch.float32, device=scores.device))
+    if scaling == "empirical":
+        kept = keep.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        return keep * (keep.shape[-1] / kept)
+    raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+
+
+def gyro_dropout(x: torch.Tensor, masks: torch.Tensor, mask_axis: int = -1) -> torch.Tensor:
+    """Multiply contiguous sub-batches of ``x`` by the rows of ``masks`` (``tau x d``).
+
+    Sample ``i`` of the ``B`` samples uses row ``floor(i * tau / B)``; the row is laid along
+    ``mask_axis`` of ``x`` (which must have size ``d``) and broadcast over the other axes.
+    The masks are cast to the device and dtype of ``x``.
+    """
+    axis = _batch_free_axis(mask_axis, x.dim())
+    tau, width = masks.shape
+    if x.shape[axis] != width:
+        raise ValueError(
+            f"gyro masks have {width} features but the input has {x.shape[axis]} along axis {axis}"
+        )
+    batch = x.shape[0]
+    which = torch.arange(batch, device=x.device) * tau // batch
+    per_sample = masks.to(device=x.device, dtype=x.dtype)[which]
+    shape = [batch] + [1] * (x.dim() - 1)
+    shape[axis] = width
+    return x * per_sample.view(shape)
+
+
+def _batch_free_axis(mask_axis: int, ndim: int) -> int:
+    if ndim < 2:
+        raise ValueError(f"gyro dropout needs a batched input (B x ...), got {ndim} dimension(s)")
+    axis = mask_axis + ndim if mask_axis < 0 else mask_axis
+    if not 0 < axis < ndim:
+        raise ValueError(f"mask_axis {mask_axis} is not a feature axis of a {ndim}-D input")
+    return axis
+
+
+def _is_int(value: Any) -> bool:
+    """True for Python, numpy and 0-d torch integers (anything with ``__index__``), not bools."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_hyper_parameters(p: float, sigma: int, tau: int, scaling: str) -> None:
+    check_rate(p, "p")
+    if not _is_int(sigma) or sigma < 1:
+        raise ValueError(f"sigma must be a positive integer (masks in the bank), got {sigma!r}")
+    if not _is_int(tau) or not 1 <= tau <= sigma:
+        raise ValueError(f"tau must be a positive integer <= sigma ({sigma}), got {tau!r}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+
+
+def _check_total_steps(total_steps: int | None) -> None:
+    if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
+        raise ValueError(f"total_steps must be a positive integer or None, got {total_steps!r}")
+
+
+class GyroDropout(DropModule):
+    """Gyro dropout (Lee et al., MLSys 2022): ``sigma`` fixed masks, ``tau`` active per period.
+
+    See the module docstring for the exact variant. The trainer calls `setup_run` once and
+    `begin_step` before every optimizer step; without the trainer pass ``total_steps`` and
+    call ``layer.begin_step(step)`` yourself (for every `GyroDropout` of the model) before
+    each optimizer step's forward passes.
+
+    Args:
+        p: peak drop rate; the rate in force (``self.rate``) may be moved by a schedule.
+        sigma: number of masks in the bank.
+        tau: masks active in one period (= sub-batches per batch).
+        mask_axis: the input axis the mask covers (-1 for ``B x F`` / ``B x T x C``, 1 for
+            ``B x C x H x W``).
+        with_replacement: draw each period's masks independently of earlier periods (the
+            authors' and Composer's behaviour) instead of walking a permutation of the bank.
+        scaling: ``"expected"`` (1 / (1 - rate)) or ``"empirical"`` (1 / kept fraction of
+            each mask).
+        seed: seed of the module's generators; equal seeds give equal banks and selections.
+        width: size of ``mask_axis``; if None the bank is drawn at the first training forward.
+        total_steps: optimizer steps of the run, to set the period without `setup_run`.
+    """
+
+    scores: torch.Tensor
+    selection: torch.Tensor
+
+    def __init__(
+        self,
+        p: float = 0.5,
+        sigma: int = 256,
+        tau: int = 16,
+        mask_axis: int = -1,
+        *,
+        with_replacement: bool = False,
+        scaling: str = "expected",
+        seed: int = 0,
+        width: int | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        _check_hyper_parameters(p, sigma, tau, scaling)
+        if not _is_int(mask_axis) or mask_axis == 0:
+            raise ValueError(
+                f"mask_axis must be a non-batch axis (-1 or 1, say), got {mask_axis!r}"
+            )
+        if width is not None and (not _is_int(width) or width < 1):
+            raise ValueError(f"width must be a positive integer or None, got {width!r}")
+        if not _is_int(seed):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        _check_total_steps(total_steps)
+        super().__init__(p)
+        self.sigma = operator.index(sigma)
+        self.tau = operator.index(tau)
+        self.mask_axis = operator.index(mask_axis)
+        self.with_replacement = bool(with_replacement)
+        self.scaling = scaling
+        self.seed = operator.index(seed)
+        self.width = None if width is None else operator.index(width)
+        self.total_steps: int | None = None
+        self.period: int | None = None
+
+        # The bank and the selections come from separate streams, so the selections do not
+        # depend on whether the bank was drawn before or after the first `begin_step`.
+        self._selection_generator = torch.Generator(device="cpu")
+        self.register_buffer("scores", torch.empty(0, 0))
+        self.register_buffer("selection", torch.zeros(tau, dtype=torch.long))
+        self._reset_selection()
+        self._step: int | None = None  # the step of the last begin_step, None before any
+        self._ready = False  # bank drawn, period known, a step begun: see forward
+        if width is not None:
+            self._draw_bank(width, torch.device("cpu"))
+        if total_steps is not None:
+            self.setup_run(total_steps)
+
+    # -- the bank --------------------------------------------------------------------
+
+    def _draw_bank(self, width: int, device: torch.device) -> None:
+        generator = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, 0))
+        scores = torch.rand(self.sigma, width, generator=generator)
+        self.scores = scores.to(device)
+        self.width = width
+
+    def masks(self, which: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled float32 masks at the rate in force: the active ones, or bank rows ``which``."""
+        if self.scores.numel() == 0:
+            raise RuntimeError(
+                "GyroDropout has no bank yet: pass width= or run a training forward first"
+            )
+        rows = self.selection if which is None else which
+        return gyro_masks(self.scores[rows.to(self.scores.device)], self.rate, self.scaling)
+
+    # -- periods and selection ---------------------------------------------------------
+
+    def setup_run(self, total_steps: int) -> None:
+        """Set the period from the run's length (the authors' rule, see `gyro_period`)."""
+        _check_total_steps(total_steps)
+        self.total_steps = operator.index(total_steps)
+        self.period = gyro_period(self.total_steps, self.sigma, self.tau)
+        if self._step is not None:
+            self._select_period(self._step // self.period)
+
+    def begin_step(self, step: int) -> None:
+        """Make the masks of optimizer step ``step`` active (new ones at period boundaries)."""
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        period = self._require_period()
+        step = operator.index(step)
+        self._step = step
+        self._select_period(step // period)
+
+    def _require_period(self) -> int:
+        if self.period is None:
+            raise RuntimeError(
+                "GyroDropout does not know the length of the run: call setup_run(total_steps) "
+                "(the regdrop trainer does) or pass total_steps= to GyroDropout / "
+                "apply_gyro_dropout before training"
+            )
+        return self.period
+
+    def _reset_selection(self) -> None:
+        self._selection_generator.manual_seed(derive_seed(self.seed, 1))
+        self._permutation = torch.arange(self.sigma)
+        self._position = self.sigma  # exhausted: the first selection draws a permutation
+        self._period_index = -1
+
+    def _select_period(self, index: int) -> None:
+        """Advance (replaying skipped periods) or restart the selection stream to ``index``."""
+        if index < self._period_index:
+            self._reset_selection()
+        chosen = None
+        while self._period_index < index:
+            chosen = self._next_selection()
+            self._period_index += 1
+        if chosen is not None:
+            self.selection.copy_(chosen)
+
+    def _next_selection(self) -> torch.Tensor:
+        generator = self._selection_generator
+        if self.with_replacement:
+            return torch.randperm(self.sigma, generator=generator)[: self.tau]
+        end = self._position + self.tau
+        if end <= self.sigma:
+            self._position = end
+            return self._permutation[end - self.tau : end].clone()
+        leftover = self._permutation[self._position :]
+        fresh = torch.randperm(self.sigma, generator=generator)
+        in_leftover = torch.zeros(self.sigma, dtype=torch.bool)
+        in_leftover[leftover] = True
+        top_up = fresh[~in_leftover[fresh]][: self.tau - len(leftover)]
+        in_top_up = torch.zeros(self.sigma, dtype=torch.bool)
+        in_top_up[top_up] = True
+        self._permutation = torch.cat([top_up, fresh[~in_top_up[fresh]]])
+        self._position = len(top_up)
+        return torch.cat([leftover, top_up])
+
+    # -- forward -----------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        # One bool guards the first-forward work, so torch.compile does not specialise on
+        # the step or the period (integer attributes) and recompile every step.
+        if not self._ready:
+            self._prepare(x)
+        return gyro_dropout(x, self.masks(), self.mask_axis)
+
+    def _prepare(self, x: torch.Tensor) -> None:
+        """First training forward: check the period, draw a lazy bank, select period 0."""
+        self._require_period()
+        width = x.shape[_batch_free_axis(self.mask_axis, x.dim())]
+        if self.scores.numel() == 0:
+            self._draw_bank(width, self.rate.device)
+        elif width != self.width:
+            raise ValueError(
+                f"GyroDropout was built for {self.width} features along axis {self.mask_axis}, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        if self._step is None:
+            warnings.warn(
+                "GyroDropout.begin_step was never called: training on period 0's masks only. "
+                "Call begin_step(step) before each optimizer step (the regdrop trainer does).",
+                stacklevel=3,
+            )
+            self._step = 0
+            self._select_period(0)
+        self._ready = True
+
+    # -- state ---------------------------------------------------------------------------
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "width": self.width,
+            "total_steps": self.total_steps,
+            "period": self.period,
+            "step": self._step,
+            "period_index": self._period_index,
+            "permutation": self._permutation.clone(),
+            "position": self._position,
+            "generator": self._selection_generator.get_state(),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        # The saved run is the truth: its seed restarts the selection stream on a step back.
+        self.seed = state["seed"]
+        self.width = state["width"]
+        self.total_steps = state["total_steps"]
+        self.period = state["period"]
+        self._step = state["step"]
+        self._period_index = state["period_index"]
+        self._permutation = state["permutation"].clone().cpu()
+        self._position = state["position"]
+        self._selection_generator.set_state(state["generator"].cpu())
+        self._ready = False
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # A lazily sized bank may be drawn in one module and not yet in the other: the saved
+        # shape wins (an empty bank is redrawn from the saved seed at the next forward).
+        incoming = state_dict.get(prefix + "scores")
+        if incoming is not None and (self.scores.numel() == 0) != (incoming.numel() == 0):
+            self.scores = torch.empty(incoming.shape, device=self.scores.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"p={self.peak}, sigma={self.sigma}, tau={self.tau}, mask_axis={self.mask_axis}, "
+            f"with_replacement={self.with_replacement}, scaling={self.scaling!r}, "
+            f"seed={self.seed}, width={self.width}, period={self.period}"
+        )
+
+
+def apply_gyro_dropout(
+    model: nn.Module,
+    *,
+    p: float = 0.5,
+    sigma: int = 256,
+    tau: int = 16,
+    sites: Sequence[str] = ("fc",),
+    with_replacement: bool = False,
+    scaling: str = "expected",
+    seed: int = 0,
+    total_steps: int | None = None,
+) -> SurgeryReport:
+    """Put a `GyroDropout` at every drop site of the given kinds; return what was replaced.
+
+    ``fc`` and ``token`` sites get masks over the last axis, ``conv`` sites over channels.
+    Site ``i`` (in module order) is seeded with ``derive_seed(seed, i)``, so layers draw
+    different banks while every data-parallel rank draws the same ones. `GyroDropout`
+    layers already in the model are left as they are (applying twice changes nothing).
+    Defaults are the paper's for LeNet/AlexNet; it suggests ``sigma=1024, tau=8`` for
+    ResNet-18 and BERT.
+    """
+    _check_hyper_parameters(p, sigma, tau, scaling)
+    _check_total_steps(total_steps)
+    kinds = [sites] if isinstance(sites, str) else list(sites)
+    invalid = [kind for kind in kinds if kind not in GYRO_MASK_AXIS]
+    if invalid:
+        raise ValueError(
+            f"sites must be among {list(GYRO_MASK_AXIS)} for gyro dropout, got {invalid}: "
+            "gyro masks a layer's features, and attention probabilities are not features"
+        )
+    report = SurgeryReport("gyro")
+    found = find_sites(model, kinds)
+    already = sum(isinstance(m, GyroDropout) for m in model.modules())
+    if not found and not already:
+        raise MethodNotApplicable(
+            f"gyro dropout found no drop site of kind {kinds} in {type(model).__name__}. It "
+            "replaces regdrop DropSite placeholders (or plain nn.Dropout = fc, nn.Dropout1d = "
+            "token, nn.Dropout2d = conv); build the model with DropSite('fc') after its hidden "
+            "fully connected layers, or choose site kinds the model has."
+        )
+    for index, (name, site) in enumerate(found):
+        kind = site_kind(site)
+        assert kind is not None  # find_sites returns sites only
+        layer = GyroDropout(
+            p,
+            sigma,
+            tau,
+            GYRO_MASK_AXIS[kind],
+            with_replacement=with_replacement,
+            scaling=scaling,
+            seed=derive_seed(seed, index),
+            total_steps=total_steps,
+        )
+        replace_module(model, name, layer)
+        report.add(name, site, layer)
+    return report
