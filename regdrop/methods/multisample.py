@@ -1,0 +1,225 @@
+"""Multi-sample dropout: several dropout masks on the same features through one shared head.
+
+Inoue, "Multi-Sample Dropout for Accelerated Training and Better Generalization", 2019.
+The dropout before the classifier and the classifier itself are duplicated ``M`` times;
+each copy draws its own mask on the *same* features, the copies *share* the classifier's
+weights, and the training loss is the *mean of the M per-copy losses*. At inference one
+copy runs with dropout off. Two common wrong versions are avoided: the loss of the
+averaged logits (which is not the paper's loss and regularizes less), and ``M`` separate
+heads (which do not share weights).
+
+`MultiSampleHead` runs the copies in one batched pass: the features are stacked ``M``
+times, masked, and sent through the head once, giving logits of shape ``M x B x C`` in
+training (``B x C`` in evaluation). `multisample_loss` turns them into the paper's loss
+in one call, and `collapse_copies` averages them for accuracy. Per-copy rates (``rates``)
+are an option of this implementation; the paper uses the same rate in every copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regdrop.methods.base import (
+    SITE_KINDS,
+    DropModule,
+    MethodNotApplicable,
+    SurgeryReport,
+    check_rate,
+    find_sites,
+    replace_module,
+    site_kind,
+)
+
+
+def multisample_dropout(x: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
+    """``M`` inverted-dropout copies of ``x``: shape ``M x *x.shape``, copy ``m`` at ``rates[m]``.
+
+    One uniform draw per element from torch's global RNG (float32), kept if ``>= rate``;
+    survivors are divided by ``1 - rate``. A copy at rate 0 is exactly ``x``.
+    """
+    samples = rates.shape[0]
+    rates = rates.view(samples, *([1] * x.ndim))
+    keep = torch.rand((samples, *x.shape), device=x.device) >= rates
+    scale = keep.float() / (1.0 - rates)
+    return x.unsqueeze(0) * scale.to(x.dtype)
+
+
+class MultiSampleHead(DropModule):
+    """Multi-sample dropout (Inoue 2019) around a shared linear classifier.
+
+    Training: features ``B x ... x F`` -> ``M`` stacked inverted-dropout copies (one mask
+    each, copy ``m`` at rate ``rates[m]``, all ``p`` by default) -> one batched pass of the
+    shared ``head`` -> logits ``M x B x ... x C``. Evaluation: ``head(x)``, no dropout,
+    ``B x ... x C``. Train with `multisample_loss` (the mean of the per-copy losses).
+
+    ``peak`` is the largest copy rate; per-copy rates in force are ``rate * profile`` with
+    ``profile = rates / peak``, so a drop-rate schedule scales every copy alike.
+    """
+
+    profile: torch.Tensor
+
+    def __init__(self, head: nn.Linear, *, p: float = 0.5, samples: int = 8,
+                 rates: Sequence[float] | None = None) -> None:
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"head must be an nn.Linear, got {type(head).__name__}")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        check_rate(p, "p")
+        if rates is None:
+            rates = [p] * samples
+        rates = [float(r) for r in rates]
+        if len(rates) != samples:
+            raise ValueError(f"rates must hold one rate per copy (samples={samples}), "
+                             f"got {len(rates)}")
+        for rate in rates:
+            check_rate(rate, "rates")
+        peak = max(rates)
+        super().__init__(peak)
+        self.head = head
+        self.samples = samples
+        self.p = float(p)
+        self.rates = tuple(rates)
+        profile = [r / peak if peak > 0 else 0.0 for r in rates]
+        self.register_buffer("profile", torch.tensor(profile, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.head(x)
+        return self.head(multisample_dropout(x, self.rate * self.profile))
+
+    def extra_repr(self) -> str:
+        rates = ", ".join(f"{r:.4g}" for r in self.rates)
+        return f"samples={self.samples}, p={self.p:.4g}, rates=[{rates}]"
+
+
+def multisample_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> torch.Tensor:
+    """The multi-sample dropout loss: the mean over copies of each copy's mean loss.
+
+    ``logits`` ``M x B x C`` (training output of `MultiSampleHead`) -> one call of
+    ``loss_fn`` on the ``M * B`` rows with the targets repeated per copy; as every copy has
+    the same ``B`` rows, the mean over all rows is the mean of the per-copy means.
+    ``logits`` ``B x C`` -> plain ``loss_fn(logits, targets)``. ``loss_fn`` must reduce by
+    the mean (class weights are fine: every copy has the same targets); ``targets`` may be
+    class indices (``B``) or soft targets (``B x C``).
+    """
+    if logits.ndim == 2:
+        return loss_fn(logits, targets)
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be B x C or M x B x C, got shape {tuple(logits.shape)}")
+    samples, batch = logits.shape[:2]
+    repeated = targets.unsqueeze(0).expand(samples, *targets.shape)
+    return loss_fn(logits.reshape(samples * batch, -1),
+                   repeated.reshape(samples * batch, *targets.shape[1:]))
+
+
+def collapse_copies(logits: torch.Tensor) -> torch.Tensor:
+    """``B x C`` logits for accuracy: the mean over copies of ``M x B x C`` logits."""
+    return logits.mean(0) if logits.ndim == 3 else logits
+
+
+class _InvertedDropout(DropModule):
+    """Standard inverted dropout (Srivastava et al. 2014) at the other sites.
+
+    Private stand-in until regdrop.methods.standard is available.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = torch.rand(x.shape, device=x.device) >= self.rate
+        return x * (keep.float() / (1.0 - self.rate)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.peak:.4g}"
+
+
+def apply_multisample_dropout(
+    model: nn.Module,
+    *,
+    p: float = 0.5,
+    samples: int = 8,
+    rates: Sequence[float] | None = None,
+    sites: Sequence[str] = ("fc", "token", "attn"),
+    head: str | None = None,
+) -> SurgeryReport:
+    """Install multi-sample dropout on the classifier of ``model``, in place.
+
+    ``head`` is the dotted name of the final classifier ``nn.Linear`` (default: the last
+    ``nn.Linear`` registered in the model); it becomes a `MultiSampleHead` with ``samples``
+    copies at rate ``p`` (or per-copy ``rates``). The drop site feeding the head - the last
+    site registered before it, with no module holding parameters in between - becomes
+    ``nn.Identity``: its dropout moves into the head. Every other site of the ``sites``
+    kinds gets standard inverted dropout at ``p``. Inoue uses ``samples=8`` (little gain
+    beyond) and the network's usual dropout rate.
+
+    The head's parameters keep their objects but their ``state_dict`` keys gain ``.head``
+    (``fc.weight`` -> ``fc.head.weight``). Raises `MethodNotApplicable` when the model has
+    no ``nn.Linear``, and ``ValueError`` when a `MultiSampleHead` is already installed.
+    """
+    check_rate(p, "p")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    sites = list(sites)
+    unknown = sorted(set(sites) - set(SITE_KINDS))
+    if unknown:
+        raise ValueError(f"sites: unknown site kind(s) {unknown}; valid: {list(SITE_KINDS)}")
+    installed = [n for n, m in model.named_modules() if isinstance(m, MultiSampleHead)]
+    if installed:
+        raise ValueError(f"model already has a MultiSampleHead at {installed[0]!r}; apply "
+                         "multi-sample dropout once, to a model built without it")
+
+    modules = list(model.named_modules())
+    if head is None:
+        linears = [name for name, m in modules if isinstance(m, nn.Linear)]
+        if not linears:
+            raise MethodNotApplicable(
+                f"multi-sample dropout duplicates the final classifier, an nn.Linear, and "
+                f"{type(model).__name__} has none. Give a model that ends in a linear "
+                "classifier (any regdrop model, torchvision ResNet, timm ViT), or name the "
+                "classifier with head=<dotted name>.")
+        head = linears[-1]
+    names = [name for name, _ in modules]
+    if head not in names or not isinstance(model.get_submodule(head), nn.Linear):
+        raise ValueError(f"head must name an nn.Linear of the model, got {head!r}")
+    if head == "":
+        raise ValueError("head: the model itself is the classifier; wrap it in a module")
+    head_index = names.index(head)
+
+    feeding = _site_feeding(modules, head_index)
+    report = SurgeryReport("multisample")
+    for name, site in find_sites(model, sites):
+        if name == feeding:
+            continue
+        new = _InvertedDropout(p)
+        replace_module(model, name, new)
+        report.add(name, site, new)
+    if feeding is not None:
+        old = replace_module(model, feeding, nn.Identity())
+        report.add(feeding, old, "Identity")
+    linear = model.get_submodule(head)
+    new_head = MultiSampleHead(linear, p=p, samples=samples, rates=rates)
+    replace_module(model, head, new_head)
+    report.add(head, linear, new_head)
+    return report
+
+
+def _site_feeding(modules: list[tuple[str, nn.Module]], head_index: int) -> str | None:
+    """The last drop site registered before the head, unless parameters lie in between.
+
+    A drop layer already installed by another method stops the search too: it is left as is.
+    """
+    for name, module in reversed(modules[:head_index]):
+        if site_kind(module) is not None:
+            return name
+        if isinstance(module, DropModule) or any(True for _ in module.parameters(recurse=False)):
+            return None
+    return None
+

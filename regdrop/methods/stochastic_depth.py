@@ -1,0 +1,370 @@
+"""Stochastic depth: randomly skip the residual branches of a network during training.
+
+Two variants, chosen with ``mode``:
+
+* ``"block"`` - Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016. One
+  Bernoulli gate per residual branch per minibatch. A dropped branch is *not computed*:
+  only the shortcut (with its downsampling, if any) and the block's post-activation run,
+  which is where the paper's training-time saving comes from. The gates are drawn from a
+  generator owned by each gate and saved in the ``state_dict``.
+* ``"sample"`` - drop path as in EfficientNet, timm's ``DropPath`` and
+  ``torchvision.ops.stochastic_depth(mode="row")``: a per-sample mask on the branch output,
+  drawn from torch's global RNG. Every branch is computed; no compute is saved.
+
+``scaling="inverted"`` divides a kept branch by its survival probability during training
+(the network is untouched at test time); ``scaling="test_time"`` is the paper's form: the
+branch is unscaled in training and multiplied by its survival probability at evaluation.
+
+The depth profile ``distribution="linear"`` gives block ``l`` of ``L`` (1-indexed, in
+module registration order) the rate ``(l / L) * drop_rate``: Huang et al.'s linear decay
+rule, identical to Composer's ``p * (i + 1) / N``. Other libraries shift it by one block:
+torchvision uses ``p * i / N`` (first block never dropped, last below ``p``) and timm
+``linspace(0, p, N)`` (first block 0, last exactly ``p``). ``"uniform"`` gives every block
+``drop_rate``. Each gate is a `DropModule` whose peak is its own depth-scaled rate, so a
+drop-rate schedule (`set_rate_factor`) scales the whole profile and keeps its shape.
+
+Supported residual blocks: torchvision ``BasicBlock`` (ResNet-18/34) and ``Bottleneck``
+(ResNet-50+), timm ``vision_transformer.Block`` (attention and MLP branches, independent
+gates at the block's rate) and timm ``mlp_mixer.MixerBlock`` (token- and channel-mixing
+branches, likewise). Each block is replaced by a wrapper that re-implements its forward
+around the *same* sub-modules under the same attribute names, so parameter objects and
+``state_dict`` keys are unchanged (the wrapper adds only its gates). A block's own timm
+``DropPath`` modules are not carried over: the gates take their place.
+
+Peer shortcomings fixed here (Composer 0.32): BasicBlock (ResNet-18) is supported, not
+only Bottleneck; gate draws live in the ``state_dict`` (exact resume); every rank draws the
+same gates (generators are seeded from ``seed``, not the rank), so DDP ranks skip the same
+branches and stay in step (DDP still needs ``find_unused_parameters=True`` in block mode,
+since a dropped branch's parameters get no gradient). Block mode decides in Python whether
+to run a branch: ``torch.compile`` breaks the graph at every gate (compile sample mode, or
+run block mode eagerly), and activation checkpointing would redraw the gate on
+recomputation, so do not combine block mode with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from timm.models.mlp_mixer import MixerBlock
+from timm.models.vision_transformer import Block as ViTBlock
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from regdrop.methods.base import (
+    DropModule,
+    MethodNotApplicable,
+    SurgeryReport,
+    check_rate,
+    replace_module,
+)
+
+Mode = Literal["block", "sample"]
+Scaling = Literal["inverted", "test_time"]
+Distribution = Literal["linear", "uniform"]
+MODES = ("block", "sample")
+SCALINGS = ("inverted", "test_time")
+DISTRIBUTIONS = ("linear", "uniform")
+
+
+def drop_path_per_sample(x: torch.Tensor, rate: torch.Tensor | float, *,
+                         inverted: bool = True) -> torch.Tensor:
+    """Zero whole samples of a residual branch output ``x`` (``B x ...``) with prob. ``rate``.
+
+    The training-time drop path of EfficientNet / timm / torchvision ``mode="row"``: one
+    uniform draw per sample from torch's global RNG, kept if it is ``>= rate`` (so rate 0
+    keeps everything and returns ``x`` unchanged); kept samples are divided by
+    ``1 - rate`` when ``inverted``. The mask is computed in float32 and cast to ``x.dtype``.
+    """
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    scale = (torch.rand(shape, device=x.device) >= rate).float()
+    if inverted:
+        scale = scale / (1.0 - rate)
+    return x * scale.to(x.dtype)
+
+
+def depth_rates(drop_rate: float, num_blocks: int, distribution: Distribution = "linear"
+                ) -> list[float]:
+    """Per-block drop rates: ``(l / L) * drop_rate`` for block ``l`` of ``L`` ("linear",
+    Huang et al.'s rule, Composer's ``p * (i + 1) / N``) or ``drop_rate`` ("uniform")."""
+    if distribution == "linear":
+        return [drop_rate * block / num_blocks for block in range(1, num_blocks + 1)]
+    return [drop_rate] * num_blocks
+
+
+class BranchGate(DropModule):
+    """Stochastic-depth gate of one residual branch (Huang et al. 2016 / drop path).
+
+    A wrapper block asks `keep` whether to compute its branch (a fresh draw per training
+    forward in ``mode="block"``, always True otherwise), then passes the branch output
+    through the gate, which applies the per-sample mask (``mode="sample"``) and the
+    scaling. ``rate`` is the drop probability in force; rate 0 is the identity in
+    training, and evaluation is deterministic.
+    """
+
+    def __init__(self, peak: float, *, mode: Mode = "block", scaling: Scaling = "inverted",
+                 seed: int = 0) -> None:
+        super().__init__(peak)
+        _check_choice(mode, "mode", MODES)
+        _check_choice(scaling, "scaling", SCALINGS)
+        self.mode = mode
+        self.scaling = scaling
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self._rate_cache: tuple[torch.Tensor, int, float] | None = None
+
+    def rate_value(self) -> float:
+        """The rate in force as a Python float, re-read only when the buffer changed.
+
+        Block mode needs a Python-level decision. On an accelerator, caching on the
+        buffer's identity and in-place version counter avoids a device sync in every
+        forward while still following `set_rate_factor`, ``load_state_dict`` and
+        ``.to(device)``; a write through ``rate.data`` bypasses the version counter and is
+        not seen there. On the CPU the buffer is simply read.
+        """
+        rate = self.rate
+        if rate.device.type == "cpu":
+            return float(rate)
+        value, self._rate_cache = _cached_float(rate, self._rate_cache)
+        return value
+
+    @torch.compiler.disable
+    def keep(self) -> bool:
+        """Whether the branch is computed in this forward (draws the gate in block mode).
+
+        Run eagerly under ``torch.compile``: the answer decides which code runs.
+        """
+        if not (self.training and self.mode == "block"):
+            return True
+        # One draw per call, even at rate 0, so the gate stream does not depend on the
+        # schedule; u in [0, 1) and ``u >= 0`` always holds, so rate 0 keeps every branch.
+        draw = float(torch.rand((), generator=self.generator))
+        return draw >= self.rate_value()
+
+    def forward(self, branch: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            if self.mode == "sample":
+                return drop_path_per_sample(branch, self.rate,
+                                            inverted=self.scaling == "inverted")
+            if self.scaling == "inverted":
+                rate = self.rate_value()
+                return branch if rate == 0.0 else branch * (1.0 / (1.0 - rate))
+            return branch
+        if self.scaling == "test_time":
+            return branch * (1.0 - self.rate).to(branch.dtype)
+        return branch
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"].cpu())
+
+    def extra_repr(self) -> str:
+        return (f"peak={self.peak:.4g}, mode={self.mode!r}, scaling={self.scaling!r}, "
+                f"seed={self.seed}")
+
+
+def _cached_float(tensor: torch.Tensor, cache: tuple[torch.Tensor, int, float] | None
+                  ) -> tuple[float, tuple[torch.Tensor, int, float] | None]:
+    """``float(tensor)``, read again only if ``tensor`` is a new object or was changed in place.
+
+    Returns the value and the cache to keep (None for tensors without a version counter).
+    """
+    try:
+        version = tensor._version
+    except RuntimeError:  # inference-mode tensors carry no version counter
+        return float(tensor), None
+    if cache is None or cache[0] is not tensor or cache[1] != version:
+        cache = (tensor, version, float(tensor))
+    return cache[2], cache
+
+
+class StochasticDepthBlock(nn.Module):
+    """Base of the wrappers: a residual block whose branches are guarded by `BranchGate`s."""
+
+    def gates(self) -> list[BranchGate]:
+        return [m for m in self.children() if isinstance(m, BranchGate)]
+
+
+class StochasticDepthBasicBlock(StochasticDepthBlock):
+    """torchvision ``BasicBlock`` with a stochastic-depth gate on its residual branch."""
+
+
+    def __init__(self, block: BasicBlock, gate: BranchGate) -> None:
+        super().__init__()
+        for name in ("conv1", "bn1", "relu", "conv2", "bn2"):
+            self.add_module(name, getattr(block, name))
+        self.downsample = block.downsample
+        self.stride = block.stride
+        self.gate = gate
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _resnet_forward(self, x)
+
+
+class StochasticDepthBottleneck(StochasticDepthBlock):
+    """torchvision ``Bottleneck`` with a stochastic-depth gate on its residual branch."""
+
+
+    def __init__(self, block: Bottleneck, gate: BranchGate) -> None:
+        super().__init__()
+        for name in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu"):
+            self.add_module(name, getattr(block, name))
+        self.downsample = block.downsample
+        self.stride = block.stride
+        self.gate = gate
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.bn3(self.conv3(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _resnet_forward(self, x)
+
+
+def _resnet_forward(block: StochasticDepthBasicBlock | StochasticDepthBottleneck,
+                    x: torch.Tensor) -> torch.Tensor:
+    identity = x if block.downsample is None else block.downsample(x)
+    if block.gate.keep():
+        out = block.gate(block.branch(x))
+        out += identity
+    else:
+        # torchvision's ReLU is in place: never let it overwrite the block's input.
+        out = identity.clone() if block.downsample is None else identity
+    return block.relu(out)
+
+
+class StochasticDepthViTBlock(StochasticDepthBlock):
+    """timm ViT ``Block`` with independent gates on its attention and MLP branches."""
+
+
+    def __init__(self, block: nn.Module, gate_attn: BranchGate, gate_mlp: BranchGate) -> None:
+        super().__init__()
+        for name in ("norm1", "attn", "ls1", "norm2", "mlp", "ls2"):
+            self.add_module(name, getattr(block, name))
+        self.gate_attn = gate_attn
+        self.gate_mlp = gate_mlp
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        # Pass the mask arguments only when given, as timm's own blocks do not all take them.
+        kwargs: dict[str, Any] = {}
+        if attn_mask is not None or is_causal:
+            kwargs = {"attn_mask": attn_mask, "is_causal": is_causal}
+        if self.gate_attn.keep():
+            x = x + self.gate_attn(self.ls1(self.attn(self.norm1(x), **kwargs)))
+        if self.gate_mlp.keep():
+            x = x + self.gate_mlp(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class StochasticDepthMixerBlock(StochasticDepthBlock):
+    """timm ``MixerBlock`` with independent gates on its token- and channel-mixing branches.
+
+    timm's block shares one ``DropPath`` module between both branches; here each branch
+    has its own gate (both at the block's rate).
+    """
+
+
+    def __init__(self, block: nn.Module, gate_tokens: BranchGate,
+                 gate_channels: BranchGate) -> None:
+        super().__init__()
+        for name in ("norm1", "mlp_tokens", "norm2", "mlp_channels"):
+            self.add_module(name, getattr(block, name))
+        self.gate_tokens = gate_tokens
+        self.gate_channels = gate_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_tokens.keep():
+            mixed = self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+            x = x + self.gate_tokens(mixed)
+        if self.gate_channels.keep():
+            x = x + self.gate_channels(self.mlp_channels(self.norm2(x)))
+        return x
+
+
+# Exact types, not isinstance: a subclass may have a different forward.
+_WRAPPERS: dict[type[nn.Module], tuple[type[StochasticDepthBlock], int]] = {
+    BasicBlock: (StochasticDepthBasicBlock, 1),
+    Bottleneck: (StochasticDepthBottleneck, 1),
+    ViTBlock: (StochasticDepthViTBlock, 2),
+    MixerBlock: (StochasticDepthMixerBlock, 2),
+}
+
+SUPPORTED_BLOCKS = (
+    "torchvision.models.resnet.BasicBlock",
+    "torchvision.models.resnet.Bottleneck",
+    "timm.models.vision_transformer.Block",
+    "timm.models.mlp_mixer.MixerBlock",
+)
+
+
+def apply_stochastic_depth(
+    model: nn.Module,
+    *,
+    drop_rate: float = 0.1,
+    mode: Mode = "block",
+    distribution: Distribution = "linear",
+    scaling: Scaling = "inverted",
+    seed: int = 0,
+) -> SurgeryReport:
+    """Wrap every supported residual block of ``model`` with stochastic-depth gates, in place.
+
+    ``drop_rate`` is the rate of the deepest block (``distribution="linear"``, block ``l``
+    of ``L`` gets ``(l / L) * drop_rate``) or of every block (``"uniform"``). Huang et al.
+    use block mode with ``drop_rate=0.5`` on CIFAR ResNets; Composer's card suggests 0.1,
+    linear, for ResNet-50/101 on ImageNet. ``seed`` seeds the block-mode gate generators.
+
+    Raises `MethodNotApplicable` if the model has no supported residual block, and
+    ``ValueError`` if stochastic depth is already installed (apply it to a fresh model;
+    change its strength with `set_rate_factor`).
+    """
+    check_rate(drop_rate, "drop_rate")
+    _check_choice(mode, "mode", MODES)
+    _check_choice(distribution, "distribution", DISTRIBUTIONS)
+    _check_choice(scaling, "scaling", SCALINGS)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+    installed = [n for n, m in model.named_modules() if isinstance(m, StochasticDepthBlock)]
+    if installed:
+        raise ValueError(
+            f"model already has stochastic depth on {len(installed)} block(s) "
+            f"(first: {installed[0] or '<root>'}); apply it once, to a model built without "
+            "it, and change its strength with set_rate_factor")
+
+    if type(model) in _WRAPPERS:
+        raise ValueError("model: is itself a residual block; apply stochastic depth to a "
+                         "network that contains it")
+    blocks = [(n, m) for n, m in model.named_modules() if type(m) in _WRAPPERS]
+    if not blocks:
+        raise MethodNotApplicable(
+            f"stochastic depth needs residual blocks, and {type(model).__name__} has none "
+            f"of the supported types ({', '.join(SUPPORTED_BLOCKS)}). It skips residual "
+            "branches, so it cannot apply to a plain feed-forward network such as LeNet or "
+            "AlexNet; use a ResNet, a timm VisionTransformer or a timm MlpMixer.")
+
+    num_gates = sum(_WRAPPERS[type(m)][1] for _, m in blocks)
+    seeder = torch.Generator().manual_seed(seed)
+    gate_seeds = torch.randint(0, 2**62, (num_gates,), generator=seeder).tolist()
+
+    report = SurgeryReport("stochastic_depth")
+    rates = depth_rates(drop_rate, len(blocks), distribution)
+    for (name, block), rate in zip(blocks, rates, strict=True):
+        wrapper_type, gates_per_block = _WRAPPERS[type(block)]
+        gates = [BranchGate(rate, mode=mode, scaling=scaling, seed=gate_seeds.pop(0))
+                 for _ in range(gates_per_block)]
+        wrapper = wrapper_type(block, *gates)
+        replace_module(model, name, wrapper)
+        report.add(name, block, wrapper)
+    return report
+
+
+def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
