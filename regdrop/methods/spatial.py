@@ -1,0 +1,123 @@
+"""Spatial dropout - Tompson et al., "Efficient Object Localization Using Convolutional
+Networks", CVPR 2015.
+
+Drops whole channels: one Bernoulli draw per (sample, channel), broadcast over every other
+axis, survivors scaled by ``1 / (1 - p)`` (inverted). Neighbouring activations of a feature
+map are strongly correlated, so element-wise dropout on them mostly lowers the effective
+learning rate; dropping the whole channel does regularise.
+
+Two layouts:
+
+* ``conv`` sites (``B x C x H x W``, any number of spatial axes): channel axis 1, what
+  ``nn.Dropout1d/2d/3d`` do;
+* ``token`` sites (``B x T x C``): channel axis -1, one draw per (sample, feature) shared by
+  all tokens of the sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from regdrop.methods.base import (
+    DropSite,
+    SurgeryReport,
+    check_rate,
+    find_sites,
+    replace_module,
+    site_kind,
+)
+from regdrop.methods.standard import (
+    _MirroredRate,
+    keep_mask,
+    normalise_sites,
+    not_applicable,
+    rate_is_zero,
+)
+
+__all__ = ["SpatialDropout", "apply_spatial_dropout", "spatial_dropout"]
+
+# The kinds of site whose activations have channels, and where the channels are.
+CHANNEL_AXIS = {"conv": 1, "token": -1}
+
+
+def spatial_dropout(
+    x: torch.Tensor, rate: torch.Tensor | float, training: bool = True, channel_axis: int = 1
+) -> torch.Tensor:
+    """Spatial (channel-wise) inverted dropout of ``x``; axis 0 is the batch.
+
+    One uniform draw per (sample, channel): the channel is kept when it is ``>= rate`` and
+    then scaled by ``1 / (1 - rate)``. Rate 0 returns exactly ``x``; not training: ``x``.
+    """
+    if not training:
+        return x
+    if x.dim() < 2:
+        raise ValueError(f"x must have a batch and a channel axis, got shape {tuple(x.shape)}")
+    axis = channel_axis % x.dim()
+    if axis == 0:
+        raise ValueError(f"channel_axis must not be the batch axis 0, got {channel_axis}")
+    shape = [1] * x.dim()
+    shape[0], shape[axis] = x.shape[0], x.shape[axis]
+    rate = torch.as_tensor(rate, dtype=torch.float32, device=x.device)
+    return x * keep_mask(shape, rate, x)
+
+
+class SpatialDropout(_MirroredRate):
+    """Spatial dropout (Tompson et al. 2015): drops whole channels per sample.
+
+    Args:
+        p: the drop probability of a channel (the peak rate).
+        channel_axis: the axis of the channels: 1 for ``B x C x ...`` feature maps, -1 for
+            ``B x T x C`` tokens. Must not be 0 (the batch).
+        kind: the kind of drop site the layer fills (``conv`` or ``token``).
+    """
+
+    def __init__(self, p: float = 0.1, *, channel_axis: int = 1, kind: str = "conv") -> None:
+        super().__init__(p)
+        if channel_axis == 0:
+            raise ValueError("channel_axis must not be the batch axis 0")
+        if kind not in CHANNEL_AXIS:
+            raise ValueError(f"kind must be one of {list(CHANNEL_AXIS)}, got {kind!r}")
+        self.channel_axis = channel_axis
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or rate_is_zero(self):
+            return x
+        return spatial_dropout(x, self.rate, True, self.channel_axis)
+
+    def extra_repr(self) -> str:
+        return f"p={self.peak}, channel_axis={self.channel_axis}, kind={self.kind!r}"
+
+
+def apply_spatial_dropout(
+    model: nn.Module, *, p: float = 0.1, sites: Iterable[str] = ("conv", "token")
+) -> SurgeryReport:
+    """Put a `SpatialDropout(p)` at every ``conv`` and/or ``token`` drop site of ``model``.
+
+    `DropSite("conv")` gets channel axis 1 and `DropSite("token")` channel axis -1. A plain
+    ``nn.Dropout2d`` or ``nn.Dropout1d`` left in a foreign model is replaced with channel
+    axis 1, torch's layout for them (``N x C x L``), so the replacement drops what the
+    original dropped. ``fc`` and ``attn`` sites have no channels: asking for them is a
+    `ValueError`. Applying again does not wrap twice: a `SpatialDropout` already at a site
+    of those kinds gets ``p`` as its peak and rate in force.
+    """
+    check_rate(p, "p")
+    kinds = normalise_sites(
+        sites, valid=CHANNEL_AXIS, why="spatial dropout drops channels; fc and attn sites have none"
+    )
+    report = SurgeryReport("spatial")
+    for name, module in model.named_modules():
+        if isinstance(module, SpatialDropout) and module.kind in kinds:
+            module.reset_peak(p)
+            report.add(name, module, module)
+    for name, site in find_sites(model, kinds):
+        kind = site_kind(site)
+        axis = CHANNEL_AXIS[kind] if isinstance(site, DropSite) else 1
+        new = SpatialDropout(p, channel_axis=axis, kind=kind)
+        report.add(name, replace_module(model, name, new), new)
+    if not report:
+        raise not_applicable("apply_spatial_dropout", model, kinds)
+    return report

@@ -1,0 +1,177 @@
+"""Standard (inverted) dropout: keep rate, scaling, rate 0/1, eval, schedules, compile, surgery."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from regdrop.methods.base import DropSite, MethodNotApplicable, set_rate_factor
+from regdrop.methods.standard import (
+    StandardDropout,
+    apply_standard_dropout,
+    dropout,
+    rate_value,
+)
+
+
+def five_sigma(p: float, n: int) -> float:
+    """5 binomial standard deviations of a kept fraction over ``n`` draws."""
+    return 5 * math.sqrt(p * (1 - p) / n)
+
+
+def kept_fraction(out: torch.Tensor) -> float:
+    return (out != 0).float().mean().item()
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.8])
+def test_keeps_one_minus_rate_and_scales_survivors(rate: float) -> None:
+    torch.manual_seed(0)
+    n = 200_000
+    out = dropout(torch.ones(n), torch.tensor(rate), training=True)
+    assert abs(kept_fraction(out) - (1 - rate)) < five_sigma(rate, n)
+    survivors = out[out != 0]
+    assert torch.allclose(survivors, torch.full_like(survivors, 1 / (1 - rate)))
+    # Inverted scaling preserves the expectation: mean = kept / (1 - rate).
+    assert abs(out.mean().item() - 1.0) < five_sigma(rate, n) / (1 - rate)
+
+
+def test_gradient_is_the_mask() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(64, 32, requires_grad=True)
+    out = dropout(x, torch.tensor(0.4))
+    out.backward(torch.ones_like(out))
+    expected = torch.where(out != 0, torch.full_like(x, 1 / 0.6), torch.zeros_like(x))
+    assert torch.allclose(x.grad, expected)
+
+
+def test_rate_zero_is_exactly_the_identity_and_rate_one_gives_zeros() -> None:
+    x = torch.randn(8, 16, requires_grad=True)
+    assert torch.equal(dropout(x, torch.tensor(0.0)), x)
+    layer = StandardDropout(0.0).train()
+    assert layer(x) is x
+    zeros = dropout(x, torch.tensor(1.0))
+    assert torch.equal(zeros, torch.zeros_like(x))
+    zeros.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))  # no 0 * inf NaN in the backward pass
+
+
+def test_eval_is_the_identity() -> None:
+    layer = StandardDropout(0.5).eval()
+    x = torch.randn(4, 10)
+    assert layer(x) is x
+    assert dropout(x, torch.tensor(0.5), training=False) is x
+
+
+def test_half_precision_keeps_dtype_and_rate() -> None:
+    torch.manual_seed(2)
+    n = 100_000
+    out = StandardDropout(0.3).train()(torch.ones(n, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert abs(kept_fraction(out) - 0.7) < five_sigma(0.3, n)
+
+
+def test_schedule_moves_the_rate_without_rebuilding() -> None:
+    torch.manual_seed(3)
+    n = 100_000
+    model = nn.Sequential(StandardDropout(0.6)).train()
+    x = torch.ones(n)
+    set_rate_factor(model, 0.5)
+    assert abs(kept_fraction(model(x)) - 0.7) < five_sigma(0.3, n)
+    set_rate_factor(model, 0.0)
+    assert model(x) is x
+    set_rate_factor(model, 1.0)
+    assert abs(kept_fraction(model(x)) - 0.4) < five_sigma(0.6, n)
+
+
+def test_accelerator_path_calls_the_fused_kernel() -> None:
+    # On a non-CPU device the layer hands its mirrored float rate to F.dropout; the meta
+    # device runs that branch here without a GPU.
+    layer = StandardDropout(0.5).train()
+    out = layer(torch.empty(3, 4, device="meta"))
+    assert out.device.type == "meta" and out.shape == (3, 4)
+
+
+def test_rate_mirror_follows_every_change_of_the_buffer() -> None:
+    layer = StandardDropout(0.5)
+    assert rate_value(layer) == 0.5
+    layer.set_rate_factor(0.2)  # mirrored without reading the buffer
+    assert rate_value(layer) == pytest.approx(0.1) and layer.p == rate_value(layer)
+    layer.load_state_dict({"rate": torch.tensor(0.25)})  # copy_ bumps the version counter
+    assert rate_value(layer) == 0.25
+    layer.rate.fill_(0.0)
+    assert rate_value(layer) == 0.0
+    layer.to(torch.float64)  # a new buffer object
+    layer.rate.fill_(0.3)
+    assert rate_value(layer) == pytest.approx(0.3)
+
+
+def test_compiled_layer_is_not_recompiled_when_the_rate_changes() -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    n = 50_000
+    layer = StandardDropout(0.5).train()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x = torch.ones(n)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert abs(kept_fraction(compiled(x)) - 0.5) < five_sigma(0.5, n)
+        layer.set_rate_factor(0.2)
+        assert abs(kept_fraction(compiled(x)) - 0.9) < five_sigma(0.1, n)
+        layer.set_rate_factor(0.0)
+        assert torch.equal(compiled(x), x)
+
+
+def site_model() -> nn.Module:
+    return nn.Sequential(
+        DropSite("conv"), nn.Flatten(), nn.Linear(4, 8), DropSite("fc"),
+        nn.Sequential(DropSite("token"), DropSite("attn")), nn.Dropout(0.2), nn.Linear(8, 2),
+    )
+
+
+def test_apply_fills_the_chosen_sites_and_reports_them() -> None:
+    model = site_model()
+    report = apply_standard_dropout(model, p=0.3)
+    assert report.counts() == {"DropSite -> StandardDropout": 3, "Dropout -> StandardDropout": 1}
+    assert isinstance(model[0], DropSite)  # conv is not a default site
+    kinds = {name: m.kind for name, m in model.named_modules() if isinstance(m, StandardDropout)}
+    assert kinds == {"3": "fc", "4.0": "token", "4.1": "attn", "5": "fc"}
+    assert all(m.peak == 0.3 for m in model.modules() if isinstance(m, StandardDropout))
+    model.train()(torch.randn(5, 1, 2, 2))
+
+
+def test_applying_again_updates_the_peak_instead_of_wrapping() -> None:
+    model = site_model()
+    apply_standard_dropout(model, p=0.3)
+    model[3].set_rate_factor(0.5)
+    report = apply_standard_dropout(model, p=0.1, sites=["fc"])
+    assert report.counts() == {"StandardDropout -> StandardDropout": 2}
+    assert model[3].peak == 0.1 and rate_value(model[3]) == pytest.approx(0.1)
+    assert model[4][0].peak == 0.3  # token site not asked for
+    assert sum(isinstance(m, StandardDropout) for m in model.modules()) == 4
+
+
+def test_apply_works_on_a_foreign_timm_model() -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    report = apply_standard_dropout(vit, p=0.1)
+    assert len(report) == len([m for m in vit.modules() if isinstance(m, StandardDropout)]) > 0
+    out = vit.train()(torch.randn(2, 3, 16, 16))  # fused attention reads attn_drop.p
+    assert out.shape == (2, 10)
+
+
+def test_errors_name_the_parameter() -> None:
+    with pytest.raises(ValueError, match=r"^p must be"):
+        apply_standard_dropout(site_model(), p=1.0)
+    with pytest.raises(ValueError, match=r"^sites"):
+        apply_standard_dropout(site_model(), sites=["fc", "bogus"])
+    with pytest.raises(ValueError, match=r"^sites must name"):
+        apply_standard_dropout(site_model(), sites=[])
+    with pytest.raises(MethodNotApplicable, match="no drop site of kind"):
+        apply_standard_dropout(nn.Sequential(nn.Linear(2, 2), DropSite("conv")))
+
+
+def test_repr_shows_the_hyper_parameters() -> None:
+    assert repr(StandardDropout(0.25, kind="token")) == "StandardDropout(p=0.25, kind='token')"
