@@ -16,10 +16,8 @@ CONF = ROOT / "conf"
 FASHION_MNIST_INSTALLED = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
 
 # Tiny, fast settings shared by the end-to-end tests.
-TINY = [
-    "trainer=smoke", "trainer.device=cpu", "data=synthetic", "data.num_train=64",
-    "data.num_test=32", "data.batch_size=16", "logger=none",
-]
+TINY_DATA = ["data=synthetic", "data.num_train=64", "data.num_test=32", "data.batch_size=16"]
+TINY = ["trainer=smoke", "trainer.device=cpu", "logger=none", *TINY_DATA]
 TINY_MODELS = {
     "lenet": ["model=lenet", "model.width=0.125"],
     "alexnet": ["model=alexnet", "model.width=0.125"],
@@ -43,7 +41,10 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
 @pytest.fixture
 def make_config(tmp_path):
     def make(*overrides: str) -> DictConfig:
-        return compose_config([*TINY, *overrides], tmp_path / "run")
+        """The tiny config plus ``overrides``; another ``data=`` replaces the synthetic data."""
+        other_data = any(o.startswith("data=") for o in overrides)
+        base = [o for o in TINY if not (other_data and o in TINY_DATA)]
+        return compose_config([*base, *overrides], tmp_path / "run")
 
     return make
 
