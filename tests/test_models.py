@@ -24,8 +24,8 @@ BLOCKS = {"resnet18": BasicBlock, "resnet50": Bottleneck, "vit_tiny": Block, "mi
 SITE_KINDS = {
     "lenet": {"fc", "conv"},
     "alexnet": {"fc", "conv"},
-    "resnet18": {"fc"},
-    "resnet50": {"fc"},
+    "resnet18": {"fc", "conv"},
+    "resnet50": {"fc", "conv"},
     "vit_tiny": {"fc", "token", "attn"},
     "mixer": {"fc", "token"},
 }

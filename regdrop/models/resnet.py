@@ -3,7 +3,8 @@
 The blocks are torchvision's own classes, so stochastic depth and any other tool that
 knows torchvision's ResNet find them. Images up to 64 px get the CIFAR stem (3x3 conv,
 stride 1, no max-pool). ResNets ship with no dropout: an ``fc`` drop site sits before the
-classifier (``fc`` becomes ``Sequential(DropSite, Linear)``).
+classifier (``fc`` becomes ``Sequential(DropSite, Linear)``) and a ``conv`` site ends each
+stage (``layerN`` is ``Sequential(*blocks, DropSite)``), for spatial dropout.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ class ScaledResNet(ResNet):
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(block, widths[0], layers[0])
-        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
-        self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
-        self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2)
+        self.layer1 = self._make_layer(block, widths[0], layers[0]).append(DropSite("conv"))
+        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2).append(DropSite("conv"))
+        self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2).append(DropSite("conv"))
+        self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2).append(DropSite("conv"))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Sequential(
             DropSite("fc"), nn.Linear(widths[3] * block.expansion, info.num_classes)
