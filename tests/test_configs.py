@@ -1,0 +1,69 @@
+"""Every config file composes and every key in it is one the code reads: a typo fails here."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from regdrop.data import DataInfo
+from regdrop.methods import apply_method, peak_rate
+from regdrop.models import build_model
+from regdrop.optim import build_lr_schedule, build_optimizer
+from regdrop.schedules import DropSchedule
+from regdrop.train import check_trainer
+from tests.conftest import CONF, compose_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+GROUPS = ["data", "model", "dropout", "schedule", "optim", "lr", "trainer", "logger"]
+
+
+def check(cfg) -> None:
+    """Run every consumer of the config on it, without data or training."""
+    size = cfg.data.get("image_size", 32)
+    info = DataInfo(cfg.data.name, 10, 3, 64 if size > 64 and cfg.model.name == "alexnet" else size, 1000, 100)
+    model_cfg = OmegaConf.to_container(cfg.model)
+    if model_cfg["name"] in ("vit_tiny", "mixer"):
+        model_cfg["depth"] = 2  # a shallow copy keeps the test fast; every key is still read
+    model = build_model(OmegaConf.create(model_cfg), info)
+    if cfg.dropout.name != "stochastic_depth" or model_cfg["name"] not in ("lenet", "alexnet"):
+        apply_method(model, cfg.dropout)
+    peak_rate(cfg.dropout)
+    DropSchedule.from_config(cfg.schedule, 10)
+    optimizer = build_optimizer(cfg.optim, model)
+    build_lr_schedule(cfg.lr, optimizer, 10, 100)
+    check_trainer(cfg.trainer)
+    assert cfg.logger.name in ("wandb", "none")
+
+
+def test_the_defaults_compose_and_are_valid(tmp_path):
+    check(compose_config([], tmp_path))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_is_valid(experiment, tmp_path):
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    assert cfg.tags, "an experiment names its tags"
+    check(cfg)
+
+
+@pytest.mark.parametrize("group, option", [
+    (group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))
+])
+def test_every_group_option_composes_and_is_valid(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if group == "dropout" and option == "stochastic_depth":
+        overrides.append("model=resnet18")
+    if group == "data" and option == "imagenet":
+        overrides.append("model=resnet18")
+    check(compose_config(overrides, tmp_path))
+
+
+def test_primary_config_lists_self_first():
+    defaults = OmegaConf.load(CONF / "train.yaml").defaults
+    assert defaults[0] == "_self_"
+    assert {"experiment": None} in [dict(d) if not isinstance(d, str) else d for d in defaults]
+
+
+def test_experiment_files_are_global_packages():
+    for path in (CONF / "experiment").glob("*.yaml"):
+        assert Path(path).read_text().startswith("# @package _global_"), path
