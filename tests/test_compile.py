@@ -44,8 +44,21 @@ def test_early_linear_schedule_triggers_no_recompilation(model, dropout):
     assert counters["stats"]["unique_graphs"] == graphs_after_warmup  # rates moved 1 -> 0, no new graph
 
 
-def test_trainer_runs_a_compiled_model(make_config):
+def compiled_graphs_of_a_run(make_config, epochs: int) -> int:
     torch._dynamo.reset()
-    summary = train(make_config(*TINY_MODELS["lenet"], "trainer.compile=true", "trainer.compile_backend=eager",
-                                "schedule=early", "schedule.shape=linear", "schedule.cutoff_epoch=0.1"))
-    assert summary["step"] == 4
+    counters.clear()
+    cfg = make_config(*TINY_MODELS["lenet"], "trainer.compile=true", "trainer.compile_backend=eager",
+                      "trainer.max_steps=null", f"trainer.epochs={epochs}", "data.num_train=48",
+                      "schedule=early", "schedule.shape=linear", "schedule.cutoff_epoch=2")
+    summary = train(cfg)
+    assert summary["step"] == 3 * epochs
+    return counters["stats"]["unique_graphs"]
+
+
+def test_trainer_compiles_once_whatever_the_rate_does(make_config):
+    # One epoch compiles the training and evaluation graphs; two more epochs, over which the
+    # early-linear rate falls to 0, with two more evaluations, must add none.
+    one_epoch = compiled_graphs_of_a_run(make_config, 1)
+    three_epochs = compiled_graphs_of_a_run(make_config, 3)
+    assert one_epoch > 0
+    assert three_epochs == one_epoch

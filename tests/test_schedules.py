@@ -62,3 +62,12 @@ def test_bad_schedules_name_the_key(cfg, key):
     with pytest.raises(ConfigError) as err:
         DropSchedule.from_config(OmegaConf.create(cfg), 10)
     assert err.value.key == key
+
+
+def test_the_schedule_is_a_pure_function_of_the_step():
+    # A resumed run asks for the rate at its step without replaying earlier steps.
+    schedule = build(7, name="early", shape="linear", cutoff_epoch=2.5)
+    in_order = schedule.factors(40)
+    rng = np.random.default_rng(0)
+    for step in rng.permutation(40):
+        assert schedule.factor(int(step)) == in_order[step]
