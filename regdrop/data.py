@@ -231,8 +231,8 @@ def _cifar(cfg):
         raise _missing(
             cfg,
             f"{cfg.name.upper()} ({folder}/)",
-            f"Download the python version from https://www.cs.toronto.edu/~kriz/cifar.html and "
-            f"unpack it into data.root, or run once with data.download=true where the network allows.",
+            "Download the python version from https://www.cs.toronto.edu/~kriz/cifar.html and "
+            "unpack it into data.root, or run once with data.download=true where the network allows.",
         )
     try:
         train = cls(cfg.root, train=True, download=cfg.download)
