@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 TRAINER_KEYS = {
     "epochs", "grad_accum", "device", "precision", "compile", "compile_backend", "deterministic",
-    "threads", "eval_every", "max_steps", "grad_clip", "progress",
+    "threads", "eval_every", "eval_batches", "max_steps", "grad_clip", "progress",
 }
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -151,7 +151,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             epoch_loss = loss_total / max(samples_total, 1)
             last = epoch == trainer.epochs or step >= total_steps
             if epoch % trainer.eval_every == 0 or last:
-                test = evaluate(net, data.test, device, autocast)
+                test = evaluate(net, data.test, device, autocast, trainer.eval_batches)
                 best_acc = max(best_acc, test["test/acc"])
                 tracker.log({"step": step, "epoch": epoch, **test, "best/test_acc": best_acc,
                              "train/epoch_loss": epoch_loss, "train/epoch_acc": correct_total / max(samples_total, 1)},
@@ -183,14 +183,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(net, loader, device: torch.device, autocast) -> dict[str, float]:
-    """Mean cross-entropy and accuracy on ``loader``, with the model in evaluation mode."""
+def evaluate(net, loader, device: torch.device, autocast, max_batches: int | None = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy on ``loader`` (its first ``max_batches`` batches if
+    given), with the model in evaluation mode."""
     was_training = net.training
     net.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
-    for x, y in loader:
+    for index, (x, y) in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
             logits = net(x).float()
@@ -208,8 +211,10 @@ def check_trainer(trainer: DictConfig) -> None:
     for key in ("epochs", "grad_accum", "eval_every"):
         if not isinstance(trainer[key], int) or trainer[key] < 1:
             raise ConfigError(f"trainer.{key}", f"must be a positive integer, got {trainer[key]!r}")
-    if trainer.max_steps is not None and (not isinstance(trainer.max_steps, int) or trainer.max_steps < 1):
-        raise ConfigError("trainer.max_steps", f"must be a positive integer or null, got {trainer.max_steps!r}")
+    for key in ("max_steps", "eval_batches"):
+        value = trainer[key]
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"trainer.{key}", f"must be a positive integer or null, got {value!r}")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -20,13 +20,23 @@
   not recompiled each step. ``rate`` is in the ``state_dict``, so a resumed run continues
   from the rate it stopped at.
 
+  Eager code that must decide in Python (skip work at rate 0, hand a float to a fused
+  kernel, draw a block-mode gate) reads `DropModule.rate_value`: a Python copy of the rate
+  refreshed only when the buffer changes, so a schedule costs no device synchronisation.
+
 * `SurgeryReport` records what a surgery replaced or inserted, counted per kind of module.
+
+The rest is what several methods share: argument checks that name the parameter at fault
+(`check_rate`, `check_choice`, `check_int`), seed derivation (`derive_seed`), the inverted
+keep mask (`keep_mask`), and site surgery (`find_sites`, `normalise_sites`, `fill_sites`,
+`replace_module`, `not_applicable`).
 """
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,14 +44,71 @@ from torch import nn
 
 SITE_KINDS = ("fc", "conv", "token", "attn")
 
+_MASK64 = (1 << 64) - 1
+
+
+# -- argument checks: each raises `ValueError` starting with the parameter's name ----------
+
+
+def check_rate(value: float, name: str, *, allow_one: bool = False) -> None:
+    """Raise `ValueError` unless ``value`` is a valid drop rate."""
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    if not (value >= 0.0 and upper_ok):
+        bound = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"{name} must be a drop rate in {bound}, got {value!r}")
+
+
+def check_choice(value: str, name: str, choices: Iterable[str]) -> None:
+    """Raise `ValueError` unless ``value`` is one of ``choices``."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def is_int(value: object) -> bool:
+    """True for Python, numpy and 0-d torch integers (anything with ``__index__``), not bools."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def check_int(value: object, name: str, *, positive: bool = False) -> None:
+    """Raise `ValueError` unless ``value`` is an integer (``>= 1`` if ``positive``)."""
+    if not is_int(value) or (positive and value < 1):
+        kind = "a positive integer" if positive else "an integer"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed derived from ``seed`` and ``keys`` (splitmix64), for independent streams.
+
+    Distinct ``(seed, keys)`` give unrelated seeds, so the layers of one model, and the
+    streams of one layer, never share a generator sequence, and layer ``k`` of one run seed
+    is not layer ``k + 1`` of the next. Every data-parallel rank derives the same seeds.
+    """
+    state = operator.index(seed) & _MASK64
+    for key in (*keys, 0):
+        state = (state + 0x9E3779B97F4A7C15 + (operator.index(key) & _MASK64)) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state >> 1
+
+
+# -- drop sites and drop layers ------------------------------------------------------------
+
 
 class DropSite(nn.Identity):
     """A place where a model accepts a dropout layer; the identity until a method fills it."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
-        if kind not in SITE_KINDS:
-            raise ValueError(f"DropSite kind must be one of {SITE_KINDS}, got {kind!r}")
+        check_choice(kind, "kind", SITE_KINDS)
         self.kind = kind
 
     def extra_repr(self) -> str:
@@ -51,7 +118,8 @@ class DropSite(nn.Identity):
 class DropModule(nn.Module):
     """Base class of regdrop's drop layers: a peak rate and the rate in force, as a tensor.
 
-    Subclasses read ``self.rate`` (a 0-d float32 buffer) in `forward`, never ``self.peak``.
+    Subclasses read ``self.rate`` (a 0-d float32 buffer) in `forward`, never ``self.peak``;
+    eager code that needs the rate as a Python float reads `rate_value`.
     """
 
     rate: torch.Tensor
@@ -61,10 +129,50 @@ class DropModule(nn.Module):
         check_rate(peak, "peak")
         self.peak = float(peak)
         self.register_buffer("rate", torch.tensor(self.peak, dtype=torch.float32))
+        # (buffer, its version counter, its value): see `rate_value`.
+        self._rate_mirror: tuple[torch.Tensor, int, float] | None = None
 
     def set_rate_factor(self, factor: float) -> None:
         """Set the rate in force to ``factor * peak`` (``factor`` in [0, 1]), in place."""
-        self.rate.fill_(self.peak * factor)
+        value = self.peak * factor
+        self.rate.fill_(value)
+        # The value just written, rounded as the buffer stores it: no device read.
+        stored = torch.tensor(value, dtype=self.rate.dtype).item()
+        self._rate_mirror = (self.rate, self.rate._version, stored)
+
+    def reset_peak(self, peak: float) -> None:
+        """Make ``peak`` the configured rate and the rate in force (a re-applied surgery)."""
+        check_rate(peak, "peak")
+        self.peak = float(peak)
+        self.set_rate_factor(1.0)
+
+    def rate_value(self) -> float:
+        """The rate in force as a Python float, read from the buffer only when it changed.
+
+        The float is cached with the buffer object and its version counter, which every
+        in-place change bumps (``fill_``, ``load_state_dict``'s ``copy_``); ``.to(device)``
+        makes a new buffer. So an accelerator is synchronised at most once per change, and
+        not at all for changes made through `set_rate_factor`. A write through
+        ``rate.data`` bypasses the version counter and is not seen.
+        """
+        rate = self.rate
+        try:
+            version = rate._version
+        except RuntimeError:  # inference-mode tensors carry no version counter
+            return float(rate)
+        mirror = self._rate_mirror
+        if mirror is None or mirror[0] is not rate or mirror[1] != version:
+            mirror = (rate, version, float(rate))
+            self._rate_mirror = mirror
+        return mirror[2]
+
+    def rate_is_zero(self) -> bool:
+        """True when the rate is 0 and we run eagerly (a cheap Python-level shortcut).
+
+        Under ``torch.compile`` it is always False: the tensor path is exact at rate 0 anyway
+        and a Python float would make the compiled graph depend on the rate's value.
+        """
+        return not torch.compiler.is_compiling() and self.rate_value() == 0.0
 
     def begin_step(self, step: int) -> None:
         """Called by the trainer before the forward passes of optimizer step ``step``.
@@ -77,12 +185,33 @@ class DropModule(nn.Module):
         """Called once before training with the run's total number of optimizer steps."""
 
 
-def check_rate(value: float, name: str, *, allow_one: bool = False) -> None:
-    """Raise `ValueError` unless ``value`` is a valid drop rate."""
-    upper_ok = value <= 1.0 if allow_one else value < 1.0
-    if not (0.0 <= value and upper_ok):
-        bound = "[0, 1]" if allow_one else "[0, 1)"
-        raise ValueError(f"{name} must be a drop rate in {bound}, got {value!r}")
+def keep_scale(rate: torch.Tensor) -> torch.Tensor:
+    """``1 / (1 - rate)``, and 0 for ``rate == 1`` (everything dropped, no ``0 * inf`` NaN)."""
+    keep = 1.0 - rate
+    return torch.where(keep > 0, keep.reciprocal(), torch.zeros_like(keep))
+
+
+def keep_mask(
+    shape: torch.Size | Iterable[int],
+    rate: torch.Tensor | float,
+    like: torch.Tensor,
+    *,
+    inverted: bool = True,
+) -> torch.Tensor:
+    """A dropout multiplier of ``shape``: 0 where dropped, ``1/(1-rate)`` (1 if not
+    ``inverted``) where kept.
+
+    A unit is kept when its uniform draw is ``>= rate``; ``rate`` is a float or a tensor
+    that broadcasts to ``shape`` (per-copy rates, say). The draws are float32 (float64 for
+    float64 data), never the half-precision dtype of ``like``, whose coarse uniforms would
+    bias the keep probability; the mask is returned in ``like``'s dtype and device.
+    """
+    rate = torch.as_tensor(rate, dtype=torch.float32, device=like.device)
+    draw_dtype = torch.promote_types(like.dtype, torch.float32)
+    mask = torch.rand(tuple(shape), dtype=draw_dtype, device=like.device).ge_(rate)
+    if inverted:
+        mask.mul_(keep_scale(rate))
+    return mask.to(like.dtype)
 
 
 def drop_modules(model: nn.Module) -> Iterator[DropModule]:
@@ -94,6 +223,9 @@ def set_rate_factor(model: nn.Module, factor: float) -> None:
     """Scale every drop layer of ``model`` to ``factor`` times its peak rate."""
     for module in drop_modules(model):
         module.set_rate_factor(factor)
+
+
+# -- surgery -------------------------------------------------------------------------------
 
 
 class MethodNotApplicable(ValueError):
@@ -135,6 +267,62 @@ def find_sites(model: nn.Module, kinds: Iterable[str] | None = None) -> list[tup
         if kind is not None and (wanted is None or kind in wanted):
             found.append((name, module))
     return found
+
+
+def normalise_sites(
+    sites: Iterable[str] | str, valid: Iterable[str] = SITE_KINDS, why: str = ""
+) -> tuple[str, ...]:
+    """``sites`` as a tuple of site kinds, each in ``valid``; `ValueError` naming ``sites``."""
+    kinds = (sites,) if isinstance(sites, str) else tuple(sites)
+    valid = tuple(valid)
+    if not kinds:
+        raise ValueError(f"sites must name at least one site kind of {list(valid)}, got none")
+    bad = [kind for kind in kinds if kind not in valid]
+    if bad:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"sites: {bad} not valid here{reason}; valid kinds: {list(valid)}")
+    return kinds
+
+
+def not_applicable(function: str, model: nn.Module, kinds: Iterable[str]) -> MethodNotApplicable:
+    """The error of ``function`` for a model without drop sites of the wanted kinds."""
+    present = sorted({site_kind(module, name) for name, module in find_sites(model)})
+    return MethodNotApplicable(
+        f"{function} found no drop site of kind {list(kinds)} in {type(model).__name__}. It "
+        "looks for DropSite(kind) placeholders and plain nn.Dropout (fc), nn.Dropout1d (token) "
+        f"and nn.Dropout2d (conv) modules; this model has sites of kind {present or 'none'}. "
+        "Build the model with DropSite placeholders where dropout should go, or pass sites= "
+        "with the kinds the model has."
+    )
+
+
+def fill_sites(
+    model: nn.Module,
+    kinds: tuple[str, ...],
+    build: Callable[[str, nn.Module], DropModule],
+    *,
+    layer_type: type[DropModule],
+    peak: float,
+    report: SurgeryReport,
+    function: str,
+) -> SurgeryReport:
+    """Put ``build(kind, site)`` at every drop site of ``kinds``, once; return ``report``.
+
+    A ``layer_type`` layer that already fills a site of those kinds (a re-applied surgery)
+    is not wrapped again: it gets ``peak`` as its peak and rate in force and is reported as
+    replaced by itself. Raises `MethodNotApplicable` (naming ``function``) when there was
+    nothing to fill.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, layer_type) and module.kind in kinds:
+            module.reset_peak(peak)
+            report.add(name, module, module)
+    for name, site in find_sites(model, kinds):
+        new = build(site_kind(site, name), site)
+        report.add(name, replace_module(model, name, new), new)
+    if not report:
+        raise not_applicable(function, model, kinds)
+    return report
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

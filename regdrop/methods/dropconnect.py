@@ -47,8 +47,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regdrop.methods.base import MethodNotApplicable, SurgeryReport, check_rate, replace_module
-from regdrop.methods.standard import _MirroredRate, keep_mask, rate_is_zero
+from regdrop.methods.base import (
+    DropModule,
+    MethodNotApplicable,
+    SurgeryReport,
+    check_choice,
+    check_int,
+    check_rate,
+    derive_seed,
+    keep_mask,
+    replace_module,
+)
 
 __all__ = ["DropConnectLinear", "apply_dropconnect", "normal_draws"]
 
@@ -65,16 +74,11 @@ CHUNK_ELEMENTS = 1 << 22
 
 def check_options(per: str, groups: int, inference: str, samples: int, seed: int) -> None:
     """Raise `ValueError`, starting with the parameter's name, for a bad option."""
-    if per not in PER:
-        raise ValueError(f"per must be one of {list(PER)}, got {per!r}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive integer, got {groups!r}")
-    if inference not in INFERENCE:
-        raise ValueError(f"inference must be one of {list(INFERENCE)}, got {inference!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_choice(per, "per", PER)
+    check_int(groups, "groups", positive=True)
+    check_choice(inference, "inference", INFERENCE)
+    check_int(samples, "samples", positive=True)
+    check_int(seed, "seed")
 
 
 def normal_draws(samples: int, width: int, seed: int) -> torch.Tensor:
@@ -84,7 +88,7 @@ def normal_draws(samples: int, width: int, seed: int) -> torch.Tensor:
     return torch.cat([half, -half])[:samples]
 
 
-class DropConnectLinear(_MirroredRate):
+class DropConnectLinear(DropModule):
     """DropConnect (Wan et al. 2013) on an existing ``nn.Linear``, with inverted scaling.
 
     Args:
@@ -139,10 +143,10 @@ class DropConnectLinear(_MirroredRate):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            if self.inference == "gaussian" and self.activation is not None and not rate_is_zero(self):
+            if self.inference == "gaussian" and self.activation is not None and not self.rate_is_zero():
                 return self._gaussian_inference(x)
             out = F.linear(x, self.weight, self.bias)
-        elif rate_is_zero(self):
+        elif self.rate_is_zero():
             out = F.linear(x, self.weight, self.bias)
         elif self.per == "batch" or x.dim() < 2:
             out = F.linear(x, *self._masked(()))
@@ -290,7 +294,8 @@ def apply_dropconnect(
     ``regdrop_dropconnect_layers`` (regdrop's models declare their hidden FC layers), else
     every ``nn.Linear`` but the last registered one (the classifier), else the only one.
     With ``inference="gaussian"`` the activation right after each layer in its
-    ``nn.Sequential`` moves into the layer (module doc); layer ``k`` gets seed ``seed + k``.
+    ``nn.Sequential`` moves into the layer (module doc); layer ``k`` gets the seed
+    ``derive_seed(seed, k)``.
     Applying again does not wrap twice: a layer that already is a `DropConnectLinear` is
     left as it is if its hyper-parameters match, and is an error if they differ.
     """
@@ -314,7 +319,7 @@ def apply_dropconnect(
             activation = following[1]
         new = DropConnectLinear(
             linear, p, per=per, groups=groups, inference=inference, samples=samples,
-            seed=seed + index, activation=activation,
+            seed=derive_seed(seed, index), activation=activation,
         )
         report.add(name, replace_module(model, name, new), new)
         if following is not None:

@@ -64,10 +64,15 @@ from torch import nn
 
 from regdrop.methods.base import (
     DropModule,
-    MethodNotApplicable,
     SurgeryReport,
+    check_choice,
+    check_int,
     check_rate,
+    derive_seed,
     find_sites,
+    is_int,
+    normalise_sites,
+    not_applicable,
     replace_module,
     site_kind,
 )
@@ -76,24 +81,6 @@ SCALINGS = ("expected", "empirical")
 # The activation axis a gyro mask covers, per site kind; attention probabilities are not
 # a layer's features, so gyro does not apply to ``attn`` sites.
 GYRO_MASK_AXIS = {"fc": -1, "token": -1, "conv": 1}
-
-_MASK64 = (1 << 64) - 1
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed derived from ``seed`` and ``keys`` (splitmix64), for independent streams.
-
-    Distinct ``(seed, keys)`` give unrelated seeds, so the bank and selection streams of one
-    layer, and the layers of one model, never share a generator sequence.
-    """
-    state = seed & _MASK64
-    for key in (*keys, 0):
-        state = (state + 0x9E3779B97F4A7C15 + (key & _MASK64)) & _MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state = z ^ (z >> 31)
-    return state >> 1
 
 
 def gyro_period(total_steps: int, sigma: int, tau: int) -> int:
@@ -108,13 +95,12 @@ def gyro_masks(
     scores: torch.Tensor, rate: torch.Tensor | float, scaling: str = "expected"
 ) -> torch.Tensor:
     """Scaled float32 masks from uniform ``scores`` (``k x d``): a unit is kept if score >= rate."""
+    check_choice(scaling, "scaling", SCALINGS)
     keep = (scores >= rate).float()
     if scaling == "expected":
         return keep / (1.0 - torch.as_tensor(rate, dtype=torch.float32, device=scores.device))
-    if scaling == "empirical":
-        kept = keep.sum(dim=-1, keepdim=True).clamp_min(1.0)
-        return keep * (keep.shape[-1] / kept)
-    raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    kept = keep.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    return keep * (keep.shape[-1] / kept)
 
 
 def gyro_dropout(x: torch.Tensor, masks: torch.Tensor, mask_axis: int = -1) -> torch.Tensor:
@@ -147,30 +133,17 @@ def _batch_free_axis(mask_axis: int, ndim: int) -> int:
     return axis
 
 
-def _is_int(value: Any) -> bool:
-    """True for Python, numpy and 0-d torch integers (anything with ``__index__``), not bools."""
-    if isinstance(value, bool):
-        return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
-
-
 def _check_hyper_parameters(p: float, sigma: int, tau: int, scaling: str) -> None:
     check_rate(p, "p")
-    if not _is_int(sigma) or sigma < 1:
-        raise ValueError(f"sigma must be a positive integer (masks in the bank), got {sigma!r}")
-    if not _is_int(tau) or not 1 <= tau <= sigma:
+    check_int(sigma, "sigma", positive=True)
+    if not is_int(tau) or not 1 <= tau <= sigma:
         raise ValueError(f"tau must be a positive integer <= sigma ({sigma}), got {tau!r}")
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    check_choice(scaling, "scaling", SCALINGS)
 
 
 def _check_total_steps(total_steps: int | None) -> None:
-    if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
-        raise ValueError(f"total_steps must be a positive integer or None, got {total_steps!r}")
+    if total_steps is not None:
+        check_int(total_steps, "total_steps", positive=True)
 
 
 class GyroDropout(DropModule):
@@ -213,14 +186,13 @@ class GyroDropout(DropModule):
         total_steps: int | None = None,
     ) -> None:
         _check_hyper_parameters(p, sigma, tau, scaling)
-        if not _is_int(mask_axis) or mask_axis == 0:
+        if not is_int(mask_axis) or mask_axis == 0:
             raise ValueError(
                 f"mask_axis must be a non-batch axis (-1 or 1, say), got {mask_axis!r}"
             )
-        if width is not None and (not _is_int(width) or width < 1):
-            raise ValueError(f"width must be a positive integer or None, got {width!r}")
-        if not _is_int(seed):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if width is not None:
+            check_int(width, "width", positive=True)
+        check_int(seed, "seed")
         _check_total_steps(total_steps)
         super().__init__(p)
         self.sigma = operator.index(sigma)
@@ -275,7 +247,7 @@ class GyroDropout(DropModule):
 
     def begin_step(self, step: int) -> None:
         """Make the masks of optimizer step ``step`` active (new ones at period boundaries)."""
-        if not _is_int(step) or step < 0:
+        if not is_int(step) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         period = self._require_period()
         step = operator.index(step)
@@ -430,23 +402,15 @@ def apply_gyro_dropout(
     """
     _check_hyper_parameters(p, sigma, tau, scaling)
     _check_total_steps(total_steps)
-    kinds = [sites] if isinstance(sites, str) else list(sites)
-    invalid = [kind for kind in kinds if kind not in GYRO_MASK_AXIS]
-    if invalid:
-        raise ValueError(
-            f"sites must be among {list(GYRO_MASK_AXIS)} for gyro dropout, got {invalid}: "
-            "gyro masks a layer's features, and attention probabilities are not features"
-        )
+    kinds = normalise_sites(
+        sites, valid=GYRO_MASK_AXIS,
+        why="gyro masks a layer's features, and attention probabilities are not features",
+    )
     report = SurgeryReport("gyro")
     found = find_sites(model, kinds)
-    already = sum(isinstance(m, GyroDropout) for m in model.modules())
+    already = any(isinstance(m, GyroDropout) for m in model.modules())
     if not found and not already:
-        raise MethodNotApplicable(
-            f"gyro dropout found no drop site of kind {kinds} in {type(model).__name__}. It "
-            "replaces regdrop DropSite placeholders (or plain nn.Dropout = fc, nn.Dropout1d = "
-            "token, nn.Dropout2d = conv); build the model with DropSite('fc') after its hidden "
-            "fully connected layers, or choose site kinds the model has."
-        )
+        raise not_applicable("apply_gyro_dropout", model, kinds)
     for index, (name, site) in enumerate(found):
         kind = site_kind(site)
         assert kind is not None  # find_sites returns sites only

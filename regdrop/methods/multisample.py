@@ -24,28 +24,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from regdrop.methods.base import (
-    SITE_KINDS,
     DropModule,
     MethodNotApplicable,
     SurgeryReport,
+    check_int,
     check_rate,
     find_sites,
     replace_module,
     site_kind,
 )
+from regdrop.methods.standard import StandardDropout, dropout
 
 
 def multisample_dropout(x: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
     """``M`` inverted-dropout copies of ``x``: shape ``M x *x.shape``, copy ``m`` at ``rates[m]``.
 
-    One uniform draw per element from torch's global RNG (float32), kept if ``>= rate``;
-    survivors are divided by ``1 - rate``. A copy at rate 0 is exactly ``x``.
+    Standard inverted `dropout` of ``x`` expanded ``M`` times (one mask per copy, from
+    torch's global RNG); a copy at rate 0 is exactly ``x``.
     """
     samples = rates.shape[0]
-    rates = rates.view(samples, *([1] * x.ndim))
-    keep = torch.rand((samples, *x.shape), device=x.device) >= rates
-    scale = keep.float() / (1.0 - rates)
-    return x.unsqueeze(0) * scale.to(x.dtype)
+    return dropout(x.expand(samples, *x.shape), rates.view(samples, *([1] * x.ndim)))
 
 
 class MultiSampleHead(DropModule):
@@ -66,8 +64,7 @@ class MultiSampleHead(DropModule):
                  rates: Sequence[float] | None = None) -> None:
         if not isinstance(head, nn.Linear):
             raise ValueError(f"head must be an nn.Linear, got {type(head).__name__}")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        check_int(samples, "samples", positive=True)
         check_rate(p, "p")
         if rates is None:
             rates = [p] * samples
@@ -125,22 +122,6 @@ def collapse_copies(logits: torch.Tensor) -> torch.Tensor:
     return logits.mean(0) if logits.ndim == 3 else logits
 
 
-class _InvertedDropout(DropModule):
-    """Standard inverted dropout (Srivastava et al. 2014) at the other sites.
-
-    Private stand-in until regdrop.methods.standard is available.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return x
-        keep = torch.rand(x.shape, device=x.device) >= self.rate
-        return x * (keep.float() / (1.0 - self.rate)).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"p={self.peak:.4g}"
-
-
 def apply_multisample_dropout(
     model: nn.Module,
     *,
@@ -157,7 +138,7 @@ def apply_multisample_dropout(
     copies at rate ``p`` (or per-copy ``rates``). The drop site feeding the head - the last
     site registered before it, with no module holding parameters in between - becomes
     ``nn.Identity``: its dropout moves into the head. Every other site of the ``sites``
-    kinds gets standard inverted dropout at ``p``. Inoue uses ``samples=8`` (little gain
+    kinds gets a `StandardDropout` at ``p``. Inoue uses ``samples=8`` (little gain
     beyond) and the network's usual dropout rate.
 
     The head's parameters keep their objects but their ``state_dict`` keys gain ``.head``
@@ -165,12 +146,8 @@ def apply_multisample_dropout(
     no ``nn.Linear``, and ``ValueError`` when a `MultiSampleHead` is already installed.
     """
     check_rate(p, "p")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples!r}")
-    sites = list(sites)
-    unknown = sorted(set(sites) - set(SITE_KINDS))
-    if unknown:
-        raise ValueError(f"sites: unknown site kind(s) {unknown}; valid: {list(SITE_KINDS)}")
+    check_int(samples, "samples", positive=True)
+    others = find_sites(model, sites)  # validates ``sites`` before anything changes
     installed = [n for n, m in model.named_modules() if isinstance(m, MultiSampleHead)]
     if installed:
         raise ValueError(f"model already has a MultiSampleHead at {installed[0]!r}; apply "
@@ -195,10 +172,10 @@ def apply_multisample_dropout(
 
     feeding = _site_feeding(modules, head_index)
     report = SurgeryReport("multisample")
-    for name, site in find_sites(model, sites):
+    for name, site in others:
         if name == feeding:
             continue
-        new = _InvertedDropout(p)
+        new = StandardDropout(p, kind=site_kind(site, name))
         replace_module(model, name, new)
         report.add(name, site, new)
     if feeding is not None:

@@ -22,19 +22,14 @@ import torch
 from torch import nn
 
 from regdrop.methods.base import (
+    DropModule,
     DropSite,
     SurgeryReport,
+    check_choice,
     check_rate,
-    find_sites,
-    replace_module,
-    site_kind,
-)
-from regdrop.methods.standard import (
-    _MirroredRate,
+    fill_sites,
     keep_mask,
     normalise_sites,
-    not_applicable,
-    rate_is_zero,
 )
 
 __all__ = ["SpatialDropout", "apply_spatial_dropout", "spatial_dropout"]
@@ -60,11 +55,10 @@ def spatial_dropout(
         raise ValueError(f"channel_axis must not be the batch axis 0, got {channel_axis}")
     shape = [1] * x.dim()
     shape[0], shape[axis] = x.shape[0], x.shape[axis]
-    rate = torch.as_tensor(rate, dtype=torch.float32, device=x.device)
     return x * keep_mask(shape, rate, x)
 
 
-class SpatialDropout(_MirroredRate):
+class SpatialDropout(DropModule):
     """Spatial dropout (Tompson et al. 2015): drops whole channels per sample.
 
     Args:
@@ -78,13 +72,12 @@ class SpatialDropout(_MirroredRate):
         super().__init__(p)
         if channel_axis == 0:
             raise ValueError("channel_axis must not be the batch axis 0")
-        if kind not in CHANNEL_AXIS:
-            raise ValueError(f"kind must be one of {list(CHANNEL_AXIS)}, got {kind!r}")
+        check_choice(kind, "kind", CHANNEL_AXIS)
         self.channel_axis = channel_axis
         self.kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or rate_is_zero(self):
+        if not self.training or self.rate_is_zero():
             return x
         return spatial_dropout(x, self.rate, True, self.channel_axis)
 
@@ -108,16 +101,17 @@ def apply_spatial_dropout(
     kinds = normalise_sites(
         sites, valid=CHANNEL_AXIS, why="spatial dropout drops channels; fc and attn sites have none"
     )
-    report = SurgeryReport("spatial")
-    for name, module in model.named_modules():
-        if isinstance(module, SpatialDropout) and module.kind in kinds:
-            module.reset_peak(p)
-            report.add(name, module, module)
-    for name, site in find_sites(model, kinds):
-        kind = site_kind(site)
+
+    def build(kind: str, site: nn.Module) -> SpatialDropout:
         axis = CHANNEL_AXIS[kind] if isinstance(site, DropSite) else 1
-        new = SpatialDropout(p, channel_axis=axis, kind=kind)
-        report.add(name, replace_module(model, name, new), new)
-    if not report:
-        raise not_applicable("apply_spatial_dropout", model, kinds)
-    return report
+        return SpatialDropout(p, channel_axis=axis, kind=kind)
+
+    return fill_sites(
+        model,
+        kinds,
+        build,
+        layer_type=SpatialDropout,
+        peak=p,
+        report=SurgeryReport("spatial"),
+        function="apply_spatial_dropout",
+    )

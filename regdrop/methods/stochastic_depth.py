@@ -43,6 +43,7 @@ recomputation, so do not combine block mode with it.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Literal
 
 import torch
@@ -55,7 +56,11 @@ from regdrop.methods.base import (
     DropModule,
     MethodNotApplicable,
     SurgeryReport,
+    check_choice,
+    check_int,
     check_rate,
+    derive_seed,
+    keep_mask,
     replace_module,
 )
 
@@ -73,14 +78,11 @@ def drop_path_per_sample(x: torch.Tensor, rate: torch.Tensor | float, *,
 
     The training-time drop path of EfficientNet / timm / torchvision ``mode="row"``: one
     uniform draw per sample from torch's global RNG, kept if it is ``>= rate`` (so rate 0
-    keeps everything and returns ``x`` unchanged); kept samples are divided by
-    ``1 - rate`` when ``inverted``. The mask is computed in float32 and cast to ``x.dtype``.
+    keeps everything and returns ``x`` unchanged); kept samples are scaled by
+    ``1 / (1 - rate)`` when ``inverted``. The mask is drawn as `keep_mask` draws it.
     """
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    scale = (torch.rand(shape, device=x.device) >= rate).float()
-    if inverted:
-        scale = scale / (1.0 - rate)
-    return x * scale.to(x.dtype)
+    return x * keep_mask(shape, rate, x, inverted=inverted)
 
 
 def depth_rates(drop_rate: float, num_blocks: int, distribution: Distribution = "linear"
@@ -105,28 +107,12 @@ class BranchGate(DropModule):
     def __init__(self, peak: float, *, mode: Mode = "block", scaling: Scaling = "inverted",
                  seed: int = 0) -> None:
         super().__init__(peak)
-        _check_choice(mode, "mode", MODES)
-        _check_choice(scaling, "scaling", SCALINGS)
+        check_choice(mode, "mode", MODES)
+        check_choice(scaling, "scaling", SCALINGS)
         self.mode = mode
         self.scaling = scaling
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
-        self._rate_cache: tuple[torch.Tensor, int, float] | None = None
-
-    def rate_value(self) -> float:
-        """The rate in force as a Python float, re-read only when the buffer changed.
-
-        Block mode needs a Python-level decision. On an accelerator, caching on the
-        buffer's identity and in-place version counter avoids a device sync in every
-        forward while still following `set_rate_factor`, ``load_state_dict`` and
-        ``.to(device)``; a write through ``rate.data`` bypasses the version counter and is
-        not seen there. On the CPU the buffer is simply read.
-        """
-        rate = self.rate
-        if rate.device.type == "cpu":
-            return float(rate)
-        value, self._rate_cache = _cached_float(rate, self._rate_cache)
-        return value
 
     @torch.compiler.disable
     def keep(self) -> bool:
@@ -138,6 +124,7 @@ class BranchGate(DropModule):
             return True
         # One draw per call, even at rate 0, so the gate stream does not depend on the
         # schedule; u in [0, 1) and ``u >= 0`` always holds, so rate 0 keeps every branch.
+        # Block mode decides in Python: `rate_value` reads the device only on a change.
         draw = float(torch.rand((), generator=self.generator))
         return draw >= self.rate_value()
 
@@ -163,21 +150,6 @@ class BranchGate(DropModule):
     def extra_repr(self) -> str:
         return (f"peak={self.peak:.4g}, mode={self.mode!r}, scaling={self.scaling!r}, "
                 f"seed={self.seed}")
-
-
-def _cached_float(tensor: torch.Tensor, cache: tuple[torch.Tensor, int, float] | None
-                  ) -> tuple[float, tuple[torch.Tensor, int, float] | None]:
-    """``float(tensor)``, read again only if ``tensor`` is a new object or was changed in place.
-
-    Returns the value and the cache to keep (None for tensors without a version counter).
-    """
-    try:
-        version = tensor._version
-    except RuntimeError:  # inference-mode tensors carry no version counter
-        return float(tensor), None
-    if cache is None or cache[0] is not tensor or cache[1] != version:
-        cache = (tensor, version, float(tensor))
-    return cache[2], cache
 
 
 class StochasticDepthBlock(nn.Module):
@@ -325,11 +297,10 @@ def apply_stochastic_depth(
     change its strength with `set_rate_factor`).
     """
     check_rate(drop_rate, "drop_rate")
-    _check_choice(mode, "mode", MODES)
-    _check_choice(distribution, "distribution", DISTRIBUTIONS)
-    _check_choice(scaling, "scaling", SCALINGS)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_choice(mode, "mode", MODES)
+    check_choice(distribution, "distribution", DISTRIBUTIONS)
+    check_choice(scaling, "scaling", SCALINGS)
+    check_int(seed, "seed")
 
     installed = [n for n, m in model.named_modules() if isinstance(m, StochasticDepthBlock)]
     if installed:
@@ -349,22 +320,14 @@ def apply_stochastic_depth(
             "branches, so it cannot apply to a plain feed-forward network such as LeNet or "
             "AlexNet; use a ResNet, a timm VisionTransformer or a timm MlpMixer.")
 
-    num_gates = sum(_WRAPPERS[type(m)][1] for _, m in blocks)
-    seeder = torch.Generator().manual_seed(seed)
-    gate_seeds = torch.randint(0, 2**62, (num_gates,), generator=seeder).tolist()
-
     report = SurgeryReport("stochastic_depth")
     rates = depth_rates(drop_rate, len(blocks), distribution)
+    gate_seeds = (derive_seed(seed, k) for k in itertools.count())  # gate k, module order
     for (name, block), rate in zip(blocks, rates, strict=True):
         wrapper_type, gates_per_block = _WRAPPERS[type(block)]
-        gates = [BranchGate(rate, mode=mode, scaling=scaling, seed=gate_seeds.pop(0))
+        gates = [BranchGate(rate, mode=mode, scaling=scaling, seed=next(gate_seeds))
                  for _ in range(gates_per_block)]
         wrapper = wrapper_type(block, *gates)
         replace_module(model, name, wrapper)
         report.add(name, block, wrapper)
     return report
-
-
-def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
