@@ -57,6 +57,14 @@ class ScaledResNet(ResNet):
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        # Zero-init the last BN of each residual branch (torchvision's zero_init_residual,
+        # Goyal et al. 2017): every block starts as the identity, so training from scratch
+        # at a plain SGD learning rate is stable from the first step.
+        for module in self.modules():
+            if isinstance(module, Bottleneck):
+                nn.init.zeros_(module.bn3.weight)
+            elif isinstance(module, BasicBlock):
+                nn.init.zeros_(module.bn2.weight)
 
 
 def build_resnet18(info: DataInfo, width: float = 1.0) -> ScaledResNet:
