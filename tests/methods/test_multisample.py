@@ -158,7 +158,7 @@ def test_vit_head_dropout_moves_into_the_head():
     counts = report.counts()
     assert counts["Dropout -> Identity"] == 1 and isinstance(model.head_drop, nn.Identity)
     assert counts["Linear -> MultiSampleHead"] == 1
-    assert counts["Dropout -> _InvertedDropout"] == 9  # pos_drop + 4 per block
+    assert counts["Dropout -> StandardDropout"] == 9  # pos_drop + 4 per block
     logits = model(torch.randn(2, 3, 16, 16))
     assert logits.shape == (3, 2, 10)
     multisample_loss(logits, torch.tensor([0, 9])).backward()

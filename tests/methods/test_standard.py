@@ -13,7 +13,6 @@ from regdrop.methods.standard import (
     StandardDropout,
     apply_standard_dropout,
     dropout,
-    rate_value,
 )
 
 
@@ -96,16 +95,31 @@ def test_accelerator_path_calls_the_fused_kernel() -> None:
 
 def test_rate_mirror_follows_every_change_of_the_buffer() -> None:
     layer = StandardDropout(0.5)
-    assert rate_value(layer) == 0.5
+    assert layer.rate_value() == 0.5
     layer.set_rate_factor(0.2)  # mirrored without reading the buffer
-    assert rate_value(layer) == pytest.approx(0.1) and layer.p == rate_value(layer)
+    assert layer.rate_value() == pytest.approx(0.1) and layer.p == layer.rate_value()
     layer.load_state_dict({"rate": torch.tensor(0.25)})  # copy_ bumps the version counter
-    assert rate_value(layer) == 0.25
+    assert layer.rate_value() == 0.25
     layer.rate.fill_(0.0)
-    assert rate_value(layer) == 0.0
+    assert layer.rate_value() == 0.0
     layer.to(torch.float64)  # a new buffer object
     layer.rate.fill_(0.3)
-    assert rate_value(layer) == pytest.approx(0.3)
+    assert layer.rate_value() == pytest.approx(0.3)
+
+
+def test_schedule_changes_are_mirrored_without_reading_the_buffer(monkeypatch) -> None:
+    layer = StandardDropout(0.3).to(torch.bfloat16)  # the buffer rounds the rate
+    layer.rate_value()
+
+    def no_device_read(tensor: torch.Tensor) -> float:
+        raise AssertionError("the rate buffer was read")
+
+    monkeypatch.setattr(torch.Tensor, "__float__", no_device_read)
+    layer.set_rate_factor(0.7)
+    assert layer.rate_value() == layer.rate.item()  # exactly what the buffer holds
+    monkeypatch.undo()
+    layer.rate.fill_(0.5)
+    assert layer.rate_value() == 0.5
 
 
 def test_compiled_layer_is_not_recompiled_when_the_rate_changes() -> None:
@@ -147,7 +161,7 @@ def test_applying_again_updates_the_peak_instead_of_wrapping() -> None:
     model[3].set_rate_factor(0.5)
     report = apply_standard_dropout(model, p=0.1, sites=["fc"])
     assert report.counts() == {"StandardDropout -> StandardDropout": 2}
-    assert model[3].peak == 0.1 and rate_value(model[3]) == pytest.approx(0.1)
+    assert model[3].peak == 0.1 and model[3].rate_value() == pytest.approx(0.1)
     assert model[4][0].peak == 0.3  # token site not asked for
     assert sum(isinstance(m, StandardDropout) for m in model.modules()) == 4
 

@@ -18,7 +18,6 @@ from regdrop.methods.stochastic_depth import (
     BranchGate,
     StochasticDepthBasicBlock,
     StochasticDepthBlock,
-    _cached_float,
     apply_stochastic_depth,
     depth_rates,
     drop_path_per_sample,
@@ -184,22 +183,20 @@ def test_state_dict_round_trip_reproduces_gates():
 
 
 def test_cached_rate_follows_schedule_load_and_moves():
-    # The accelerator path of BranchGate.rate_value, exercised on CPU tensors.
+    # Block mode decides in Python on the mirrored rate (DropModule.rate_value).
     gate = BranchGate(0.4)
-    value, cache = _cached_float(gate.rate, None)
-    assert value == pytest.approx(0.4)
-    assert _cached_float(gate.rate, cache)[1] is cache  # unchanged buffer: no re-read
+    assert gate.rate_value() == pytest.approx(0.4)
+    mirror = gate._rate_mirror
+    assert gate.rate_value() == pytest.approx(0.4) and gate._rate_mirror is mirror  # no re-read
     gate.set_rate_factor(0.5)
-    value, cache = _cached_float(gate.rate, cache)
-    assert value == pytest.approx(0.2)
+    assert gate.rate_value() == pytest.approx(0.2)
     gate.load_state_dict({"rate": torch.tensor(0.1), "_extra_state": gate.get_extra_state()})
-    value, cache = _cached_float(gate.rate, cache)
-    assert value == pytest.approx(0.1)
+    assert gate.rate_value() == pytest.approx(0.1)
     gate.rate = gate.rate.clone().fill_(0.3)  # what .to(device) does: a new tensor
-    assert _cached_float(gate.rate, cache)[0] == pytest.approx(0.3)
+    assert gate.rate_value() == pytest.approx(0.3)
     with torch.inference_mode():
-        frozen = torch.tensor(0.25)
-    assert _cached_float(frozen, cache) == (0.25, None)
+        gate.rate = torch.tensor(0.25)  # no version counter: read directly
+    assert gate.rate_value() == 0.25
 
 
 def test_same_seed_same_gates_and_gates_differ_between_blocks():
