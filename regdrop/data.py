@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from regdrop.errors import ConfigError
+from regdrop.errors import ConfigError, check_keys
 
 # Where Debian's dataset-fashion-mnist package puts the original IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -40,6 +40,14 @@ STATS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
+_COMMON_KEYS = {"name", "root", "download", "batch_size", "eval_batch_size", "num_workers", "subset", "augment", "normalize"}
+DATA_KEYS = {
+    "fashion_mnist": _COMMON_KEYS,
+    "cifar10": _COMMON_KEYS,
+    "cifar100": _COMMON_KEYS,
+    "imagenet": _COMMON_KEYS | {"image_size"},
+    "synthetic": _COMMON_KEYS | {"channels", "image_size", "num_classes", "num_train", "num_test", "noise"},
+}
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,7 @@ def build_data(cfg, seed: int = 0) -> Data:
     name = cfg.name
     if name not in DATASETS:
         raise ConfigError("data.name", f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
+    check_keys(cfg, "data", DATA_KEYS[name])
     if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
         raise ConfigError("data.batch_size", "batch sizes must be positive integers")
     if name == "imagenet":

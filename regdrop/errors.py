@@ -11,3 +11,14 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         self.key = key
         super().__init__(f"{key}: {message}")
+
+
+def check_keys(section, name: str, valid) -> None:
+    """Raise `ConfigError` for the first key of config ``section`` (called ``name``) not in ``valid``.
+
+    Hydra rejects unknown keys given on the command line; this catches the ones an
+    experiment file or a typo in a config file brings in, which Hydra merges silently.
+    """
+    unknown = sorted(set(section) - set(valid))
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}", f"not a key of {name}; valid: {', '.join(sorted(valid))}")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from regdrop.errors import ConfigError
+from regdrop.errors import ConfigError, check_keys
 
 _OPTIMIZERS = {
     "sgd": (torch.optim.SGD, {"lr", "momentum", "nesterov", "weight_decay"}),
@@ -23,11 +23,9 @@ _LR_KEYS = {
 
 
 def _options(cfg, group: str, valid: set[str]) -> dict:
+    check_keys(cfg, group, valid | {"name"})
     options = dict(cfg)
     options.pop("name")
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise ConfigError(f"{group}.{unknown[0]}", f"not a key of {group}={cfg.name}; valid: {', '.join(sorted(valid))}")
     return {k: tuple(v) if k == "betas" else v for k, v in options.items()}
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from regdrop.errors import ConfigError
+from regdrop.errors import ConfigError, check_keys
 
 SCHEDULES = ("constant", "early", "late", "warmup")
 SHAPES = ("constant", "linear")
@@ -61,10 +61,7 @@ class DropSchedule:
         name = options.pop("name", "constant")
         if name not in SCHEDULES:
             raise ConfigError("schedule.name", f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
-        unknown = set(options) - _KEYS[name]
-        if unknown:
-            valid = ", ".join(sorted(_KEYS[name])) or "none"
-            raise ConfigError(f"schedule.{sorted(unknown)[0]}", f"not a key of schedule {name!r} (valid keys: {valid})")
+        check_keys(options, "schedule", _KEYS[name])
         epochs = options.get("cutoff_epoch", options.get("warmup_epochs", 0))
         if not isinstance(epochs, int | float) or epochs < 0:
             key = "schedule.warmup_epochs" if name == "warmup" else "schedule.cutoff_epoch"

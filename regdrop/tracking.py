@@ -17,9 +17,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from regdrop.errors import ConfigError
+from regdrop.errors import ConfigError, check_keys
 
 WANDB_MODES = ("offline", "online", "disabled")
+WANDB_KEYS = {"name", "mode", "project", "entity", "group", "run_name", "tags"}
 
 
 class RunTracker:
@@ -32,6 +33,7 @@ class RunTracker:
         self.wandb_run = None
         logger = cfg.logger
         if logger.name == "wandb":
+            check_keys(logger, "logger", WANDB_KEYS)
             self.wandb_run = _start_wandb(self.output_dir, cfg)
         elif logger.name != "none":
             raise ConfigError("logger", f"unknown logger {logger.name!r}; valid: wandb, none")

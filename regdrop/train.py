@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from regdrop.data import build_data
-from regdrop.errors import ConfigError
+from regdrop.errors import ConfigError, check_keys
 from regdrop.methods import apply_method, begin_step, drop_modules, peak_rate, set_rate_factor
 from regdrop.methods.multisample import collapse_copies, multisample_loss
 from regdrop.models import build_model
@@ -205,9 +205,7 @@ def evaluate(net, loader, device: torch.device, autocast, max_batches: int | Non
 
 
 def check_trainer(trainer: DictConfig) -> None:
-    unknown = sorted(set(trainer) - TRAINER_KEYS)
-    if unknown:
-        raise ConfigError(f"trainer.{unknown[0]}", f"not a trainer key; valid: {', '.join(sorted(TRAINER_KEYS))}")
+    check_keys(trainer, "trainer", TRAINER_KEYS)
     for key in ("epochs", "grad_accum", "eval_every"):
         if not isinstance(trainer[key], int) or trainer[key] < 1:
             raise ConfigError(f"trainer.{key}", f"must be a positive integer, got {trainer[key]!r}")

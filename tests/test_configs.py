@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+import torch
+from omegaconf import OmegaConf, open_dict
 
-from regdrop.data import DataInfo
+from regdrop.data import DataInfo, build_data
+from regdrop.errors import ConfigError
 from regdrop.methods import apply_method, peak_rate
 from regdrop.models import build_model
 from regdrop.optim import build_lr_schedule, build_optimizer
@@ -67,3 +69,20 @@ def test_primary_config_lists_self_first():
 def test_experiment_files_are_global_packages():
     for path in (CONF / "experiment").glob("*.yaml"):
         assert Path(path).read_text().startswith("# @package _global_"), path
+
+
+@pytest.mark.parametrize("section, build", [
+    ("data", lambda cfg: build_data(cfg.data)),
+    ("trainer", lambda cfg: check_trainer(cfg.trainer)),
+    ("optim", lambda cfg: build_optimizer(cfg.optim, torch.nn.Linear(2, 2))),
+    ("schedule", lambda cfg: DropSchedule.from_config(cfg.schedule, 10)),
+    ("dropout", lambda cfg: apply_method(torch.nn.Sequential(torch.nn.Dropout()), cfg.dropout)),
+])
+def test_a_key_that_no_code_reads_is_an_error(tmp_path, section, build):
+    # An experiment file can bring in a key Hydra merges silently; the code must refuse it.
+    cfg = compose_config(["data=synthetic"], tmp_path)
+    with open_dict(cfg):
+        cfg[section].typo_key = 1
+    with pytest.raises(ConfigError) as err:
+        build(cfg)
+    assert err.value.key == f"{section}.typo_key"
