@@ -101,8 +101,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             model.train()
             batches = iter(data.train)
             steps_this_epoch = min(per_epoch, total_steps - step)
+            # disable=None: no bar when stderr is not a terminal (batch jobs, SLURM logs).
             bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch}/{trainer.epochs}",
-                       disable=not trainer.progress, leave=False, dynamic_ncols=True)
+                       disable=None if trainer.progress else True, leave=False, dynamic_ncols=True)
             loss_total, samples_total, correct_total = 0.0, 0, 0
             for _ in range(steps_this_epoch):
                 step_start = time.perf_counter()

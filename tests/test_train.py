@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from regdrop.train import train
-from tests.conftest import FASHION_MNIST_INSTALLED, TINY, TINY_MODELS, run_cli
+from tests.conftest import FASHION_MNIST_INSTALLED, TINY, TINY_MODELS, compose_config, run_cli
 
 
 def read_jsonl(path):
@@ -129,3 +129,15 @@ def test_unknown_keys_are_errors(tmp_path):
     assert result.returncode != 0 and "epochz" in result.stderr
     result = run_cli(*TINY, "dropout.sigma=3", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0 and "sigma" in result.stderr
+
+
+def test_same_seed_same_run_and_another_seed_another(tmp_path):
+    def losses(seed, name):
+        cfg = compose_config([*TINY, *TINY_MODELS["lenet"], "trainer.deterministic=true", f"seed={seed}",
+                              "dropout=gyro", "dropout.sigma=8", "dropout.tau=4"], tmp_path / name)
+        train(cfg)
+        return [r["train/loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "train/loss" in r]
+
+    first = losses(0, "a")
+    assert losses(0, "b") == first
+    assert losses(1, "c") != first
