@@ -15,9 +15,11 @@ from tests.conftest import FASHION_MNIST_INSTALLED
 
 
 def data_cfg(**overrides):
+    """A ``data`` section: the keys every data set has, plus synthetic's own for synthetic."""
     base = dict(name="synthetic", root="unused", download=False, batch_size=8, eval_batch_size=16,
-                num_workers=0, subset=None, augment=False, normalize=False, channels=3,
-                image_size=8, num_classes=4, num_train=40, num_test=20, noise=1.0)
+                num_workers=0, subset=None, augment=False, normalize=False)
+    if overrides.get("name", "synthetic") == "synthetic":
+        base.update(channels=3, image_size=8, num_classes=4, num_train=40, num_test=20, noise=1.0)
     return OmegaConf.create({**base, **overrides})
 
 
@@ -125,6 +127,28 @@ def test_cifar10_goes_through_torchvisions_real_loader(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet"])
 def test_missing_data_names_data_root(tmp_path, name):
     with pytest.raises(ConfigError) as err:
-        build_data(data_cfg(name=name, root=str(tmp_path / "nowhere"), image_size=224))
+        extra = {"image_size": 224} if name == "imagenet" else {}
+        build_data(data_cfg(name=name, root=str(tmp_path / "nowhere"), **extra))
     assert err.value.key == "data.root"
     assert "data.root" in str(err.value)
+
+
+def test_imagenet_reads_an_image_folder_tree(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for wnid in ("n01440764", "n01443537"):
+            folder = tmp_path / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", format="JPEG")
+    cfg = data_cfg(name="imagenet", root=str(tmp_path), image_size=32, batch_size=4, eval_batch_size=4,
+                   augment=True, normalize=True)
+    data = build_data(cfg)
+    assert (data.info.num_classes, data.info.num_train, data.info.num_test, data.info.image_size) == (2, 12, 4, 32)
+    x, y = next(iter(data.train))
+    assert x.shape == (4, 3, 32, 32) and set(y.tolist()) <= {0, 1}
+    x, y = next(iter(data.test))
+    assert x.shape == (4, 3, 32, 32)
