@@ -201,6 +201,17 @@ def _missing(cfg, what: str, how: str) -> ConfigError:
     )
 
 
+def _torchvision_splits(dataset_class, cfg, what: str):
+    """The train and test splits of a torchvision data set; a missing one is a ConfigError."""
+    try:
+        return (
+            dataset_class(cfg.root, train=True, download=cfg.download),
+            dataset_class(cfg.root, train=False, download=cfg.download),
+        )
+    except RuntimeError as err:
+        raise _missing(cfg, what, f"torchvision said: {err}.") from None
+
+
 def _fashion_mnist(cfg):
     from torchvision.datasets import FashionMNIST
 
@@ -219,11 +230,7 @@ def _fashion_mnist(cfg):
                 "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or run "
                 "once with data.download=true where the network allows.",
             )
-    try:
-        train = FashionMNIST(cfg.root, train=True, download=cfg.download)
-        test = FashionMNIST(cfg.root, train=False, download=cfg.download)
-    except RuntimeError as err:
-        raise _missing(cfg, "Fashion-MNIST", f"torchvision said: {err}.") from None
+    train, test = _torchvision_splits(FashionMNIST, cfg, "Fashion-MNIST")
     return (
         train.data.unsqueeze(1), train.targets.long(),
         test.data.unsqueeze(1), test.targets.long(), 10,
@@ -243,11 +250,7 @@ def _cifar(cfg):
             "Download the python version from https://www.cs.toronto.edu/~kriz/cifar.html and "
             "unpack it into data.root, or run once with data.download=true where the network allows.",
         )
-    try:
-        train = cls(cfg.root, train=True, download=cfg.download)
-        test = cls(cfg.root, train=False, download=cfg.download)
-    except RuntimeError as err:
-        raise _missing(cfg, cfg.name.upper(), f"torchvision said: {err}.") from None
+    train, test = _torchvision_splits(cls, cfg, cfg.name.upper())
 
     def to_tensor(ds):
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
