@@ -1,5 +1,6 @@
 """Every config file composes and every key in it is one the code reads: a typo fails here."""
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,25 @@ def test_a_key_that_no_code_reads_is_an_error(tmp_path, section, build):
     with pytest.raises(ConfigError) as err:
         build(cfg)
     assert err.value.key == f"{section}.typo_key"
+
+
+def documented_sweeps(path: Path) -> list[list[str]]:
+    """Every job of the `python train.py -m ...` commands in an experiment file's comments."""
+    jobs = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#") or "python train.py" not in line:
+            continue
+        args = [a for a in line.split("python train.py", 1)[1].split() if a != "-m"]
+        choices = [[f"{a.split('=')[0]}={v}" for v in a.split("=", 1)[1].split(",")]
+                   if "," in a and "[" not in a else [a] for a in args]
+        jobs.extend(list(job) for job in itertools.product(*choices))
+    return jobs
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_the_sweeps_an_experiment_file_documents_are_valid(experiment, tmp_path):
+    jobs = documented_sweeps(CONF / "experiment" / f"{experiment}.yaml")
+    assert jobs, "an experiment file shows the command that reproduces its result"
+    for job in jobs:
+        assert f"experiment={experiment}" in job
+        check(compose_config(job, tmp_path))
