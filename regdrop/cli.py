@@ -2,12 +2,11 @@
 
 A bad config value stops the run with one paragraph naming the key and what is valid (exit
 status 2), never a traceback. In a multirun the failing job is marked failed and the other
-jobs go on.
+jobs go on; when the sweep ends Hydra reports the failed job (with its traceback) and exits 1.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import textwrap
 
@@ -16,8 +15,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from regdrop.errors import ConfigError
-
-log = logging.getLogger("regdrop")
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -29,7 +26,6 @@ def run(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         message = textwrap.fill(f"regdrop: error in {err}", width=100)
         print(message, file=sys.stderr)
-        log.error(str(err))
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         sys.exit(2)

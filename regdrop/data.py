@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from regdrop.errors import ConfigError, check_keys
+from regdrop.errors import ConfigError, check_keys, check_number
 
 # Where Debian's dataset-fashion-mnist package puts the original IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -153,8 +153,16 @@ def build_data(cfg, seed: int = 0) -> Data:
     if name not in DATASETS:
         raise ConfigError("data.name", f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
     check_keys(cfg, "data", DATA_KEYS[name])
-    if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
-        raise ConfigError("data.batch_size", "batch sizes must be positive integers")
+    for key in ("batch_size", "eval_batch_size"):
+        check_number(cfg[key], f"data.{key}", integer=True, minimum=1)
+    check_number(cfg.num_workers, "data.num_workers", integer=True, minimum=0)
+    check_number(cfg.subset, "data.subset", integer=True, minimum=1, optional=True)
+    if name == "synthetic":
+        for key in ("channels", "image_size", "num_classes", "num_train", "num_test"):
+            check_number(cfg[key], f"data.{key}", integer=True, minimum=1)
+        check_number(cfg.noise, "data.noise", minimum=0)
+    if name == "imagenet":
+        check_number(cfg.image_size, "data.image_size", integer=True, minimum=1)
     if name == "imagenet":
         return _imagenet(cfg, seed)
     if name == "synthetic":
@@ -294,9 +302,12 @@ def _imagenet(cfg, seed: int) -> Data:
     test_tf = [transforms.Resize(int(size * 8 / 7)), transforms.CenterCrop(size)]
     train_set = datasets.ImageFolder(root / "train", transforms.Compose([*train_tf, transforms.ToTensor(), *norm]))
     test_set = datasets.ImageFolder(root / "val", transforms.Compose([*test_tf, transforms.ToTensor(), *norm]))
-    if cfg.subset is not None:
-        train_set = torch.utils.data.Subset(train_set, range(min(cfg.subset, len(train_set))))
     generator = torch.Generator().manual_seed(seed)
+    if cfg.subset is not None:
+        # A seeded random subset: ImageFolder lists files class by class, so the first N
+        # would cover only the first classes.
+        picked = torch.randperm(len(train_set), generator=generator)[: cfg.subset]
+        train_set = torch.utils.data.Subset(train_set, picked.tolist())
     workers = cfg.num_workers
     train = DataLoader(
         train_set, cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers,

@@ -21,4 +21,35 @@ def check_keys(section, name: str, valid) -> None:
     """
     unknown = sorted(set(section) - set(valid))
     if unknown:
-        raise ConfigError(f"{name}.{unknown[0]}", f"not a key of {name}; valid: {', '.join(sorted(valid))}")
+        key = unknown[0] if name == "the config" else f"{name}.{unknown[0]}"
+        raise ConfigError(key, f"not a key of {name}; valid: {', '.join(sorted(valid))}")
+
+
+def check_number(
+    value,
+    key: str,
+    *,
+    integer: bool = False,
+    minimum: float | None = None,
+    above: float | None = None,
+    optional: bool = False,
+) -> None:
+    """Raise `ConfigError` naming ``key`` unless ``value`` is a number of the right kind.
+
+    ``integer`` asks for an int; ``minimum`` is inclusive, ``above`` exclusive; ``optional``
+    allows null. Booleans are never numbers here.
+    """
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a number"
+    if minimum is not None:
+        kind += f" >= {minimum:g}"
+    if above is not None:
+        kind += f" > {above:g}"
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else int | float)
+    if ok and minimum is not None:
+        ok = value >= minimum
+    if ok and above is not None:
+        ok = value > above
+    if not ok:
+        raise ConfigError(key, f"must be {kind}{' or null' if optional else ''}, got {value!r}")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from regdrop.errors import ConfigError, check_keys
+from regdrop.errors import ConfigError, check_keys, check_number
 
 _OPTIMIZERS = {
     "sgd": (torch.optim.SGD, {"lr", "momentum", "nesterov", "weight_decay"}),
@@ -35,8 +35,12 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         raise ConfigError("optim.name", f"unknown optimizer {cfg.name!r}; valid: {', '.join(_OPTIMIZERS)}")
     cls, valid = _OPTIMIZERS[cfg.name]
     options = _options(cfg, "optim", valid)
-    if options.get("lr", 1) <= 0:
-        raise ConfigError("optim.lr", f"must be positive, got {options['lr']}")
+    for key, value in options.items():
+        if key == "betas":
+            for beta in value:
+                check_number(beta, "optim.betas", minimum=0)
+        elif key != "nesterov":
+            check_number(value, f"optim.{key}", above=0 if key == "lr" else None, minimum=None if key == "lr" else 0)
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -53,6 +57,9 @@ def build_lr_schedule(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: in
     if cfg.name not in _LR_KEYS:
         raise ConfigError("lr.name", f"unknown lr schedule {cfg.name!r}; valid: {', '.join(_LR_KEYS)}")
     options = _options(cfg, "lr", _LR_KEYS[cfg.name])
+    for key, value in options.items():
+        for item in value if key == "milestones" else [value]:
+            check_number(item, f"lr.{key}", minimum=0)
     if cfg.name == "none":
         return LambdaLR(optimizer, lambda step: 1.0)
     if cfg.name == "multistep":

@@ -2,8 +2,8 @@
 
 Definitions follow Liu et al., "Dropout Reduces Underfitting" (ICML 2023) and its official
 code. Steps are optimizer steps (a gradient-accumulation cycle counts once). A cutoff or
-warm-up given in epochs becomes ``N = round(epochs * steps_per_epoch)`` steps, so a
-fractional epoch is fine. With step ``s`` counted from 0:
+warm-up given in epochs becomes ``N = epochs * steps_per_epoch`` steps, rounded half up, so
+a fractional epoch is fine. With step ``s`` counted from 0:
 
 * ``constant``: 1 at every step.
 * ``early``, ``shape=constant``: 1 for ``s < N``, then 0.
@@ -19,9 +19,10 @@ The schedule is a pure function of the step, so a resumed run continues the same
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from regdrop.errors import ConfigError, check_keys
+from regdrop.errors import ConfigError, check_keys, check_number
 
 SCHEDULES = ("constant", "early", "late", "warmup")
 SHAPES = ("constant", "linear")
@@ -63,10 +64,11 @@ class DropSchedule:
             raise ConfigError("schedule.name", f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
         check_keys(options, "schedule", _KEYS[name])
         epochs = options.get("cutoff_epoch", options.get("warmup_epochs", 0))
-        if not isinstance(epochs, int | float) or epochs < 0:
-            key = "schedule.warmup_epochs" if name == "warmup" else "schedule.cutoff_epoch"
-            raise ConfigError(key, f"must be a non-negative number of epochs, got {epochs!r}")
-        return cls(name=name, shape=options.get("shape", "constant"), steps=round(epochs * steps_per_epoch))
+        key = "schedule.warmup_epochs" if name == "warmup" else "schedule.cutoff_epoch"
+        check_number(epochs, key, minimum=0)
+        # Rounded half up (Python's round() would send 7.5 steps to 8 but 2.5 to 2).
+        steps = math.floor(epochs * steps_per_epoch + 0.5)
+        return cls(name=name, shape=options.get("shape", "constant"), steps=steps)
 
     def factor(self, step: int) -> float:
         """The fraction of the peak rate in force at optimizer step ``step`` (from 0)."""
@@ -76,7 +78,9 @@ class DropSchedule:
         if self.name == "late":
             return 0.0 if step < n else 1.0
         if self.name == "warmup":
-            return 1.0 if step >= n - 1 else step / (n - 1)
+            if step >= n:
+                return 1.0
+            return 0.0 if n == 1 else step / (n - 1)
         # early
         if step >= n:
             return 0.0

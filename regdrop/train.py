@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from regdrop.data import build_data
-from regdrop.errors import ConfigError, check_keys
+from regdrop.errors import ConfigError, check_keys, check_number
 from regdrop.methods import apply_method, begin_step, drop_modules, peak_rate, set_rate_factor
 from regdrop.methods.multisample import collapse_copies, multisample_loss
 from regdrop.models import build_model
@@ -32,11 +32,16 @@ TRAINER_KEYS = {
     "epochs", "grad_accum", "device", "precision", "compile", "compile_backend", "deterministic",
     "threads", "eval_every", "eval_batches", "max_steps", "grad_clip", "progress",
 }
+TOP_LEVEL_KEYS = {
+    "task_name", "seed", "tags", "optimized_metric",
+    "data", "model", "dropout", "schedule", "optim", "lr", "trainer", "logger", "paths",
+}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate the configured model; write metrics files; return the summary."""
+    check_keys(cfg, "the config", TOP_LEVEL_KEYS)
     trainer = cfg.trainer
     check_trainer(trainer)
     output_dir = Path(cfg.paths.output_dir)
@@ -50,7 +55,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build_model(cfg.model, data.info)
     report = apply_method(model, cfg.dropout)  # surgery before any wrapping or compiling
     peak = peak_rate(cfg.dropout)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = 1  # one process until data parallelism (torchrun) is built
     per_epoch = steps_per_epoch(data.info.num_train, cfg.data.batch_size, trainer.grad_accum, world_size)
     if per_epoch < 1:
         raise ConfigError(
@@ -208,12 +213,13 @@ def evaluate(net, loader, device: torch.device, autocast, max_batches: int | Non
 def check_trainer(trainer: DictConfig) -> None:
     check_keys(trainer, "trainer", TRAINER_KEYS)
     for key in ("epochs", "grad_accum", "eval_every"):
-        if not isinstance(trainer[key], int) or trainer[key] < 1:
-            raise ConfigError(f"trainer.{key}", f"must be a positive integer, got {trainer[key]!r}")
-    for key in ("max_steps", "eval_batches"):
-        value = trainer[key]
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ConfigError(f"trainer.{key}", f"must be a positive integer or null, got {value!r}")
+        check_number(trainer[key], f"trainer.{key}", integer=True, minimum=1)
+    for key in ("max_steps", "eval_batches", "threads"):
+        check_number(trainer[key], f"trainer.{key}", integer=True, minimum=1, optional=True)
+    check_number(trainer.grad_clip, "trainer.grad_clip", above=0, optional=True)
+    for key in ("compile", "deterministic", "progress"):
+        if not isinstance(trainer[key], bool):
+            raise ConfigError(f"trainer.{key}", f"must be true or false, got {trainer[key]!r}")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -91,3 +91,18 @@ def test_vit_uses_the_explicit_attention_path_so_its_attn_site_runs():
 @pytest.mark.parametrize("size, large, patch", [(32, 16, 4), (28, 16, 4), (32, 32, 8), (28, 32, 7), (224, 16, 16)])
 def test_patch_size_for_small_images(size, large, patch):
     assert patch_size_for(size, large) == patch
+
+
+def test_mixer_token_mixing_sites_declare_channels_first():
+    # timm runs the token-mixing MLP on B x C x T: its sites' features are on axis 1.
+    model = MODELS["mixer"](DataInfo("x", 10, 3, 32, 10, 10), **SMALL["mixer"])
+    block = model.blocks[0]
+    assert block.mlp_tokens.drop1.feature_axis == 1 and block.mlp_tokens.drop2.feature_axis == 1
+    assert block.mlp_channels.drop1.feature_axis == -1
+
+
+def test_small_alexnet_follows_the_gyro_paper_layout():
+    # conv-pool-conv-pool-conv, then FC-FC-FC: two pools, so 32 px -> 8 x 8 maps.
+    model = MODELS["alexnet"](DataInfo("x", 10, 3, 32, 10, 10), width=0.125)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.features) == 2
+    assert model.classifier[0].in_features == 48 * 8 * 8

@@ -1,5 +1,7 @@
 """Drop-rate schedules follow the definitions of Liu et al. (2023) exactly."""
 
+import math
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -24,7 +26,7 @@ def test_early_constant_drops_to_zero_at_the_cutoff(cutoff_epoch, per_epoch, cut
 
 @pytest.mark.parametrize("cutoff_epoch, per_epoch", [(2, 10), (0.5, 10), (1.5, 7)])
 def test_early_linear_is_the_official_linspace(cutoff_epoch, per_epoch):
-    n = round(cutoff_epoch * per_epoch)
+    n = math.floor(cutoff_epoch * per_epoch + 0.5)
     factors = build(per_epoch, name="early", shape="linear", cutoff_epoch=cutoff_epoch).factors(n + 10)
     expected = np.concatenate([np.linspace(1.0, 0.0, n), np.zeros(10)])
     np.testing.assert_allclose(factors, expected, rtol=0, atol=1e-12)
@@ -71,3 +73,12 @@ def test_the_schedule_is_a_pure_function_of_the_step():
     rng = np.random.default_rng(0)
     for step in rng.permutation(40):
         assert schedule.factor(int(step)) == in_order[step]
+
+
+@pytest.mark.parametrize("epochs, per_epoch, steps", [(0.5, 5, 3), (2.5, 3, 8), (0.5, 3, 2), (1.25, 2, 3)])
+def test_cutoff_steps_round_half_up(epochs, per_epoch, steps):
+    assert build(per_epoch, name="late", cutoff_epoch=epochs).steps == steps
+
+
+def test_a_one_step_warmup_is_linspace_too():
+    assert build(1, name="warmup", warmup_epochs=1).factors(3) == [0.0, 1.0, 1.0]

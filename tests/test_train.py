@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from regdrop.errors import ConfigError
 from regdrop.train import train
 from tests.conftest import FASHION_MNIST_INSTALLED, TINY, TINY_MODELS, compose_config, run_cli
 
@@ -141,3 +142,32 @@ def test_same_seed_same_run_and_another_seed_another(tmp_path):
     first = losses(0, "a")
     assert losses(0, "b") == first
     assert losses(1, "c") != first
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["dropout.p=abc"], "dropout.p"),
+    (["data.batch_size=abc"], "data.batch_size"),
+    (["data.noise=abc"], "data.noise"),
+    (["trainer.grad_clip=abc"], "trainer.grad_clip"),
+    (["trainer.threads=0"], "trainer.threads"),
+    (["trainer.epochs=true"], "trainer.epochs"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["schedule=late", "schedule.cutoff_epoch=true"], "schedule.cutoff_epoch"),
+    (["+foo=1"], "foo"),
+])
+def test_wrongly_typed_values_and_stray_keys_are_config_errors(make_config, overrides, key):
+    with pytest.raises(ConfigError) as err:
+        train(make_config(*TINY_MODELS["lenet"], *overrides))
+    assert err.value.key == key
+
+
+def test_lr_milestones_must_be_numbers(make_config):
+    with pytest.raises(ConfigError) as err:
+        train(make_config(*TINY_MODELS["lenet"], "lr=multistep", "lr.milestones=[1,abc]"))
+    assert err.value.key == "lr.milestones"
+
+
+def test_world_size_does_not_shrink_epochs_before_data_parallelism_exists(make_config, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    summary = train(make_config(*TINY_MODELS["lenet"], "trainer.max_steps=null", "trainer.epochs=1"))
+    assert summary["step"] == 64 // 16

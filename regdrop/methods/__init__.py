@@ -66,6 +66,8 @@ def peak_rate(cfg: Mapping) -> float:
         return 0.0
     if name not in METHODS:
         raise ConfigError("dropout.name", f"unknown method {name!r}; valid: {', '.join(VALID)}")
+    if name == "multisample" and cfg.get("rates"):
+        return float(max(cfg["rates"]))  # per-copy rates: the largest is the peak
     return float(cfg[METHODS[name][2]])
 
 
@@ -90,7 +92,7 @@ def apply_method(model: nn.Module, cfg: Mapping) -> SurgeryReport:
         return apply(model, **options)
     except MethodNotApplicable as err:
         raise ConfigError(f"dropout={name}", str(err)) from None
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         message = str(err)
         first = message.split(" ", 1)[0].rstrip(":")
         key = f"dropout.{first}" if first in valid else f"dropout={name}"

@@ -51,9 +51,10 @@ _MASK64 = (1 << 64) - 1
 
 
 def check_rate(value: float, name: str, *, allow_one: bool = False) -> None:
-    """Raise `ValueError` unless ``value`` is a valid drop rate."""
-    upper_ok = value <= 1.0 if allow_one else value < 1.0
-    if not (value >= 0.0 and upper_ok):
+    """Raise `ValueError` unless ``value`` is a valid drop rate (a number, not a bool)."""
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    upper_ok = is_number and (value <= 1.0 if allow_one else value < 1.0)
+    if not (upper_ok and value >= 0.0):
         bound = "[0, 1]" if allow_one else "[0, 1)"
         raise ValueError(f"{name} must be a drop rate in {bound}, got {value!r}")
 
@@ -103,16 +104,38 @@ def derive_seed(seed: int, *keys: int) -> int:
 # -- drop sites and drop layers ------------------------------------------------------------
 
 
-class DropSite(nn.Identity):
-    """A place where a model accepts a dropout layer; the identity until a method fills it."""
+# Where the features (channels) of each kind's activation are, unless a site says otherwise.
+FEATURE_AXIS = {"fc": -1, "conv": 1, "token": -1, "attn": -1}
 
-    def __init__(self, kind: str) -> None:
+
+class DropSite(nn.Identity):
+    """A place where a model accepts a dropout layer; the identity until a method fills it.
+
+    ``feature_axis`` is the axis of the activation's features (channels), for the methods
+    that mask whole features (spatial, gyro). It defaults to the kind's usual layout and is
+    given where a model differs: the token-mixing MLP of MLP-Mixer sees ``B x C x T``
+    (features on axis 1) at its ``token`` sites.
+    """
+
+    def __init__(self, kind: str, feature_axis: int | None = None) -> None:
         super().__init__()
         check_choice(kind, "kind", SITE_KINDS)
         self.kind = kind
+        self.feature_axis = FEATURE_AXIS[kind] if feature_axis is None else feature_axis
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}"
+        return f"kind={self.kind!r}, feature_axis={self.feature_axis}"
+
+
+def feature_axis(site: nn.Module) -> int:
+    """The feature (channel) axis of the activation at a drop site.
+
+    A `DropSite` says it; torch's ``Dropout1d``/``Dropout2d`` expect channels on axis 1;
+    a plain ``nn.Dropout`` is taken to see features last.
+    """
+    if isinstance(site, DropSite):
+        return site.feature_axis
+    return 1 if isinstance(site, nn.Dropout1d | nn.Dropout2d | nn.Dropout3d) else -1
 
 
 class DropModule(nn.Module):

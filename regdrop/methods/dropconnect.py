@@ -101,7 +101,7 @@ class DropConnectLinear(DropModule):
         seed: the seed of the gaussian inference draws.
         activation: the element-wise activation that is part of the layer (None: none).
 
-    Masks are drawn from torch's global generator (the trainer seeds and checkpoints it).
+    Masks are drawn from torch's global generator (the trainer seeds it; checkpoints are to come).
     """
 
     normal_draws: torch.Tensor | None

@@ -69,18 +69,18 @@ from regdrop.methods.base import (
     check_int,
     check_rate,
     derive_seed,
+    feature_axis,
     find_sites,
     is_int,
     normalise_sites,
     not_applicable,
     replace_module,
-    site_kind,
 )
 
 SCALINGS = ("expected", "empirical")
-# The activation axis a gyro mask covers, per site kind; attention probabilities are not
-# a layer's features, so gyro does not apply to ``attn`` sites.
-GYRO_MASK_AXIS = {"fc": -1, "token": -1, "conv": 1}
+# The site kinds gyro fills (the mask covers the site's feature axis); attention
+# probabilities are not a layer's features, so gyro does not apply to ``attn`` sites.
+GYRO_KINDS = ("fc", "token", "conv")
 
 
 def gyro_period(total_steps: int, sigma: int, tau: int) -> int:
@@ -403,7 +403,7 @@ def apply_gyro_dropout(
     _check_hyper_parameters(p, sigma, tau, scaling)
     _check_total_steps(total_steps)
     kinds = normalise_sites(
-        sites, valid=GYRO_MASK_AXIS,
+        sites, valid=GYRO_KINDS,
         why="gyro masks a layer's features, and attention probabilities are not features",
     )
     report = SurgeryReport("gyro")
@@ -412,13 +412,11 @@ def apply_gyro_dropout(
     if not found and not already:
         raise not_applicable("apply_gyro_dropout", model, kinds)
     for index, (name, site) in enumerate(found):
-        kind = site_kind(site)
-        assert kind is not None  # find_sites returns sites only
         layer = GyroDropout(
             p,
             sigma,
             tau,
-            GYRO_MASK_AXIS[kind],
+            feature_axis(site),
             with_replacement=with_replacement,
             scaling=scaling,
             seed=derive_seed(seed, index),

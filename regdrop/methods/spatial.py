@@ -23,10 +23,10 @@ from torch import nn
 
 from regdrop.methods.base import (
     DropModule,
-    DropSite,
     SurgeryReport,
     check_choice,
     check_rate,
+    feature_axis,
     fill_sites,
     keep_mask,
     normalise_sites,
@@ -34,8 +34,8 @@ from regdrop.methods.base import (
 
 __all__ = ["SpatialDropout", "apply_spatial_dropout", "spatial_dropout"]
 
-# The kinds of site whose activations have channels, and where the channels are.
-CHANNEL_AXIS = {"conv": 1, "token": -1}
+# The kinds of site whose activations have channels (where: the site's feature axis).
+SPATIAL_KINDS = ("conv", "token")
 
 
 def spatial_dropout(
@@ -72,7 +72,7 @@ class SpatialDropout(DropModule):
         super().__init__(p)
         if channel_axis == 0:
             raise ValueError("channel_axis must not be the batch axis 0")
-        check_choice(kind, "kind", CHANNEL_AXIS)
+        check_choice(kind, "kind", SPATIAL_KINDS)
         self.channel_axis = channel_axis
         self.kind = kind
 
@@ -99,12 +99,11 @@ def apply_spatial_dropout(
     """
     check_rate(p, "p")
     kinds = normalise_sites(
-        sites, valid=CHANNEL_AXIS, why="spatial dropout drops channels; fc and attn sites have none"
+        sites, valid=SPATIAL_KINDS, why="spatial dropout drops channels; fc and attn sites have none"
     )
 
     def build(kind: str, site: nn.Module) -> SpatialDropout:
-        axis = CHANNEL_AXIS[kind] if isinstance(site, DropSite) else 1
-        return SpatialDropout(p, channel_axis=axis, kind=kind)
+        return SpatialDropout(p, channel_axis=feature_axis(site), kind=kind)
 
     return fill_sites(
         model,

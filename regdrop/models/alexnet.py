@@ -1,6 +1,6 @@
 """AlexNet: the small-image AlexNet-like net of the Gyro dropout paper, or torchvision's.
 
-``variant=small`` (default): conv5x5(96)-pool-conv5x5(256)-pool-conv5x5(384)-pool-
+``variant=small`` (default): conv5x5(96)-pool-conv5x5(256)-pool-conv5x5(384)-
 FC1024-FC1024-FC (Lee et al., MLSys 2022), ``fc`` sites after the hidden FC layers and
 ``conv`` sites after the conv blocks. ``variant=torchvision``: torchvision's ImageNet AlexNet
 (for 224 px input), whose two ``nn.Dropout`` become ``fc`` sites.
@@ -30,10 +30,10 @@ def build_alexnet(info: DataInfo, variant: str = "small", width: float = 1.0) ->
     if variant != "small":
         raise ValueError(f"variant must be 'small' or 'torchvision', got {variant!r}")
     c1, c2, c3, hidden = (scaled(c, width) for c in (96, 256, 384, 1024))
-    side = info.image_size // 8
+    side = info.image_size // 4
     if side < 1:
-        raise ValueError(f"alexnet (small) needs images of at least 8 px, got {info.image_size}")
+        raise ValueError(f"alexnet (small) needs images of at least 4 px, got {info.image_size}")
     features = nn.Sequential(
-        *conv_block(info.channels, c1), *conv_block(c1, c2), *conv_block(c2, c3)
+        *conv_block(info.channels, c1), *conv_block(c1, c2), *conv_block(c2, c3, pool=False)
     )
     return ConvNet(features, classifier(c3 * side * side, hidden, info.num_classes))

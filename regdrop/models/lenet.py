@@ -20,8 +20,10 @@ def scaled(channels: int, width: float) -> int:
     return max(8, round(channels * width))
 
 
-def conv_block(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2), DropSite("conv")]
+def conv_block(cin: int, cout: int, pool: bool = True) -> list[nn.Module]:
+    """conv5x5 (same padding), ReLU, optionally a 2x2 max-pool, then a conv drop site."""
+    layers = [nn.Conv2d(cin, cout, 5, padding=2), nn.ReLU(inplace=True)]
+    return [*layers, nn.MaxPool2d(2), DropSite("conv")] if pool else [*layers, DropSite("conv")]
 
 
 def classifier(features: int, hidden: int, num_classes: int) -> nn.Sequential:

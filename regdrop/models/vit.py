@@ -19,14 +19,19 @@ from regdrop.methods.base import DropSite
 SMALL_IMAGE = 64
 
 
-def sites_for_timm_dropouts(model: nn.Module) -> None:
-    """Replace every plain ``nn.Dropout`` of a timm model by a `DropSite` of the right kind."""
+def sites_for_timm_dropouts(model: nn.Module, channels_first: tuple[str, ...] = ()) -> None:
+    """Replace every plain ``nn.Dropout`` of a timm model by a `DropSite` of the right kind.
+
+    Dropouts inside a sub-module whose name ends with one of ``channels_first`` see their
+    features on axis 1 (MLP-Mixer's token-mixing MLP runs on ``B x C x T``).
+    """
     for name, module in list(model.named_modules()):
         if type(module) is nn.Dropout:
-            leaf = name.rpartition(".")[2]
+            parent_name, _, leaf = name.rpartition(".")
             kind = {"attn_drop": "attn", "head_drop": "fc"}.get(leaf, "token")
-            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(parent, leaf, DropSite(kind))
+            axis = 1 if parent_name.endswith(channels_first) and channels_first else None
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, DropSite(kind, feature_axis=axis))
 
 
 def patch_size_for(image_size: int, large: int) -> int:

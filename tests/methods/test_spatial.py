@@ -126,3 +126,13 @@ def test_repr_shows_the_hyper_parameters() -> None:
     assert repr(SpatialDropout(0.1, channel_axis=-1, kind="token")) == (
         "SpatialDropout(p=0.1, channel_axis=-1, kind='token')"
     )
+
+
+def test_spatial_follows_a_sites_declared_feature_axis() -> None:
+    # A token site whose features are on axis 1 (MLP-Mixer's token mixing): channels drop.
+    model = nn.Sequential(DropSite("token", feature_axis=1))
+    apply_spatial_dropout(model, p=0.5, sites=("token",))
+    model.train()
+    torch.manual_seed(0)
+    y = model(torch.ones(4, 16, 32))
+    assert torch.equal(y, y[:, :, :1].expand_as(y))  # constant along the last (token) axis
