@@ -13,16 +13,18 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
 
 
-def check_keys(section, name: str, valid) -> None:
-    """Raise `ConfigError` for the first key of config ``section`` (called ``name``) not in ``valid``.
+def check_keys(section, name: str | None, valid) -> None:
+    """Raise `ConfigError` for the first key of config ``section`` not in ``valid``.
 
-    Hydra rejects unknown keys given on the command line; this catches the ones an
-    experiment file or a typo in a config file brings in, which Hydra merges silently.
+    ``name`` is the section's key (``None`` for the top level of the config). Hydra rejects
+    unknown keys given on the command line; this catches the ones an experiment file or a
+    typo in a config file brings in, which Hydra merges silently.
     """
     unknown = sorted(set(section) - set(valid))
     if unknown:
-        key = unknown[0] if name == "the config" else f"{name}.{unknown[0]}"
-        raise ConfigError(key, f"not a key of {name}; valid: {', '.join(sorted(valid))}")
+        key = unknown[0] if name is None else f"{name}.{unknown[0]}"
+        where = "the config" if name is None else name
+        raise ConfigError(key, f"not a key of {where}; valid: {', '.join(sorted(valid))}")
 
 
 def check_number(

@@ -39,8 +39,10 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         if key == "betas":
             for beta in value:
                 check_number(beta, "optim.betas", minimum=0)
+        elif key == "lr":
+            check_number(value, "optim.lr", above=0)
         elif key != "nesterov":
-            check_number(value, f"optim.{key}", above=0 if key == "lr" else None, minimum=None if key == "lr" else 0)
+            check_number(value, f"optim.{key}", minimum=0)
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:

@@ -5,7 +5,6 @@ returns the final metrics. It reads top to bottom; Hydra lives only in `regdrop.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import random
 import time
@@ -26,8 +25,6 @@ from regdrop.plots import plot_schedules
 from regdrop.schedules import DropSchedule, steps_per_epoch
 from regdrop.tracking import RunTracker
 
-log = logging.getLogger(__name__)
-
 TRAINER_KEYS = {
     "epochs", "grad_accum", "device", "precision", "compile", "compile_backend", "deterministic",
     "threads", "eval_every", "eval_batches", "max_steps", "grad_clip", "progress",
@@ -41,7 +38,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate the configured model; write metrics files; return the summary."""
-    check_keys(cfg, "the config", TOP_LEVEL_KEYS)
+    check_keys(cfg, None, TOP_LEVEL_KEYS)
     trainer = cfg.trainer
     check_trainer(trainer)
     output_dir = Path(cfg.paths.output_dir)
