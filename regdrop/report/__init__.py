@@ -1,0 +1,131 @@
+"""Read a table, not a folder: ``python -m regdrop.report DIR [DIR ...]`` (or ``regdrop-report``).
+
+Reads the job folders of one or several multiruns (every folder below DIR that holds
+``.hydra/config.yaml``), groups the jobs by the keys swept across them with the seed
+averaged, and writes ``DIR/report.md`` and its figures (``DIR/figures/*.png``): the table in
+the paper's layout (the runs' ``table`` config section), every cell's numbers, and every job
+that is missing, failed, killed or still running, named. It reads only the project's own
+files (``metrics.jsonl``, ``metrics.json``, ``run.json``), so it works offline and never
+trains. See docs/report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from regdrop.errors import ConfigError
+from regdrop.report.runs import (
+    DEFAULT_STALE_S,
+    Job,
+    find_sweeps,
+    load_jobs,
+    missing_jobs,
+    read_metrics_log,
+)
+from regdrop.report.table import Layout, TableSpec, build_layout, check_table, place_missing
+
+__all__ = ["NoRuns", "Report", "check_table", "load_jobs", "main", "read_metrics_log",
+           "write_report"]
+
+
+class NoRuns(Exception):
+    """The folders hold no job (no ``.hydra/config.yaml`` below them)."""
+
+
+@dataclass
+class Report:
+    """What `write_report` wrote and read."""
+
+    path: Path
+    figures: list[Path]
+    jobs: list[Job]
+    layout: Layout
+    missing: list  # expected jobs with no folder that no cell could take
+
+
+def _table_section(jobs: Sequence[Job], notes: list[str]):
+    """The first job's ``table`` section; a note when jobs disagree about it."""
+    sections = [(job, job.config.get("table")) for job in jobs]
+    given = [(job, s) for job, s in sections if s is not None]
+    if not given:
+        return None
+    first_job, first = given[0]
+    plain = OmegaConf.to_container(first, resolve=True)
+    if any(OmegaConf.to_container(s, resolve=True) != plain for _, s in given[1:]) or \
+            len(given) < len(sections):
+        notes.append(f"The jobs carry different `table` sections; the layout is the one of "
+                     f"`{first_job.path.name}`.")
+    return first
+
+
+def write_report(roots: Sequence[str | Path], out: str | Path | None = None, *,
+                 stale_s: float = DEFAULT_STALE_S, figures: bool = True) -> Report:
+    """Read every job below ``roots`` and write ``report.md`` (and ``figures/``) into
+    ``out`` (default: the first root).
+
+    Raises `NoRuns` when no job is found, and `ConfigError` for a bad ``table`` section.
+    """
+    from regdrop.report.figures import draw_figures
+    from regdrop.report.markdown import render
+
+    roots = [Path(r) for r in roots]
+    for root in roots:
+        if not root.is_dir():
+            raise NoRuns(f"{root} is not a folder")
+    jobs = load_jobs(roots, stale_s=stale_s)
+    if not jobs:
+        where = ", ".join(str(r) for r in roots)
+        raise NoRuns(f"no runs in {where} (no job folder with .hydra/config.yaml below it)")
+    notes: list[str] = []
+    spec = TableSpec.from_section(_table_section(jobs, notes))
+    layout = build_layout(jobs, spec)
+    missing = place_missing(layout, missing_jobs(find_sweeps(roots), jobs))
+    out_dir = Path(out) if out is not None else roots[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawn = draw_figures(layout, out_dir / "figures") if figures else []
+    labels = {(cell.row, cell.column) for cell in layout.cells.values()}
+    for row, cols in spec.reference.items():
+        for col in cols:
+            if (row, col) not in labels:
+                notes.append(f"The paper's value for row `{row}`, column `{col}` matches no "
+                             "cell of these runs.")
+    path = out_dir / "report.md"
+    path.write_text(render(layout, jobs, missing, roots, out_dir, drawn, notes),
+                    encoding="utf-8")
+    return Report(path, [p for _, p in drawn], jobs, layout, missing)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: ``regdrop-report DIR [DIR ...] [--out DIR]``."""
+    parser = argparse.ArgumentParser(
+        prog="regdrop-report",
+        description="Aggregate the jobs of one or several multirun folders into report.md "
+                    "and figures: mean ± std over seeds per cell, the paper's numbers beside "
+                    "ours, and every missing, failed, killed or running job named.")
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="multirun folder(s) to read")
+    parser.add_argument("--out", metavar="DIR",
+                        help="where report.md and figures/ go (default: the first DIR)")
+    parser.add_argument("--stale-minutes", type=float, default=DEFAULT_STALE_S / 60,
+                        metavar="M", help="a 'running' job whose files have not changed for "
+                        "M minutes is reported as killed (default: %(default)g)")
+    parser.add_argument("--no-figures", action="store_true", help="write report.md only")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.dirs, args.out, stale_s=args.stale_minutes * 60,
+                              figures=not args.no_figures)
+    except NoRuns as err:
+        print(f"regdrop-report: {err}", file=sys.stderr)
+        return 1
+    except ConfigError as err:
+        print(f"regdrop-report: error in the runs' config: {err}", file=sys.stderr)
+        return 2
+    finished = sum(job.status == "finished" for job in report.jobs)
+    print(f"{report.path}: {len(report.jobs)} job(s), {finished} finished, "
+          f"{len(report.layout.cells)} cell(s), {len(report.figures)} figure(s)")
+    return 0

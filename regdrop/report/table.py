@@ -1,0 +1,420 @@
+"""The report's table: which jobs form a cell, where the cell sits, and its numbers.
+
+Jobs are grouped by the keys swept across them (their overrides), the seed averaged. The
+``table`` config section (experiment files set it) places the cells in the paper's layout:
+rows and columns are dotted config keys, a label is their values joined by `` / ``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from regdrop.errors import ConfigError, check_keys
+from regdrop.report.runs import FINISHED, Job, finite, format_value, natural_key
+
+# Summary keys (metrics.json) a table can report, and what each one is.
+METRICS = {
+    "best/test_acc": "best test accuracy over evaluations",
+    "test/acc": "final test accuracy",
+    "test/loss": "final test loss",
+    "train/loss": "final training loss (the last epoch's mean)",
+}
+ACCURACY_METRICS = ("best/test_acc", "test/acc")
+TABLE_KEYS = ("title", "source", "rows", "columns", "metric", "as_error", "reference",
+              "loss_target")
+DEFAULT_METRIC = "best/test_acc"
+# Override keys that never split a cell: the seed is averaged over, and these change where
+# and how a run is executed or logged, not its result.
+NOT_SWEPT = ("seed", "logger", "paths", "hydra", "trainer.device", "trainer.progress",
+             "trainer.resume", "data.num_workers", "data.root", "data.download", "local")
+_DOTTED_KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*$")
+
+
+@dataclass
+class TableSpec:
+    """A checked ``table`` section (or the defaults when a run has none)."""
+
+    title: str | None = None
+    source: str | None = None
+    rows: list[str] | None = None  # None: every swept key but the seed
+    columns: list[str] = field(default_factory=list)
+    metric: str = DEFAULT_METRIC
+    as_error: bool = False
+    reference: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    loss_target: float | None = None
+
+    @classmethod
+    def from_section(cls, section: Any) -> TableSpec:
+        """Check ``section`` (`check_table`) and return it as a `TableSpec`."""
+        check_table(section)
+        if section is None:
+            return cls()
+        data = _plain(section)
+        reference = {
+            format_value(row): {format_value(col): (None if v is None else float(v))
+                                for col, v in (cols or {}).items()}
+            for row, cols in (data.get("reference") or {}).items()
+        }
+        return cls(
+            title=data.get("title"),
+            source=data.get("source"),
+            rows=list(data["rows"]) if data.get("rows") is not None else None,
+            columns=list(data.get("columns") or []),
+            metric=data.get("metric") or DEFAULT_METRIC,
+            as_error=bool(data.get("as_error", False)),
+            reference=reference,
+            loss_target=None if data.get("loss_target") is None else float(data["loss_target"]),
+        )
+
+    @property
+    def is_accuracy(self) -> bool:
+        return self.metric in ACCURACY_METRICS
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_key_list(value: Any, key: str, *, allow_empty: bool) -> list[str]:
+    if value is None:
+        return []
+    example = "[dropout.name]" if key == "table.rows" else "[data.name] or []"
+    if not isinstance(value, list | tuple):
+        raise ConfigError(key, f"must be a list of dotted config keys such as {example}, "
+                               f"got {value!r}")
+    if not value and not allow_empty:
+        raise ConfigError(key, f"must name at least one config key, such as {example}; "
+                               "leave it out (null) to use every swept key")
+    bad = [k for k in value if not isinstance(k, str) or not _DOTTED_KEY.match(k)]
+    if bad:
+        raise ConfigError(key, f"{bad[0]!r} is not a dotted config key (such as "
+                               f"dropout.name or model.width); got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(key, f"names a key twice: {value!r}")
+    return list(value)
+
+
+def check_table(section: Any) -> None:
+    """Raise `ConfigError` (``table.<key>``) unless ``section`` is a valid ``table`` section.
+
+    ``None`` is valid (no table: the report uses every swept key as rows). The keys:
+    ``title`` and ``source`` (text), ``rows`` and ``columns`` (lists of dotted config keys;
+    ``columns`` may be empty), ``metric`` (one of `METRICS`), ``as_error`` (report the test
+    error ``100 * (1 - acc)`` in %, for an accuracy metric), ``reference`` (the paper's
+    numbers: row label -> column label -> value in the paper's unit, %) and ``loss_target``
+    (a training loss: the report gives the steps each cell takes to reach it).
+    """
+    if section is None:
+        return
+    data = _plain(section)
+    if not isinstance(data, Mapping):
+        raise ConfigError("table", f"must be a mapping with keys {', '.join(TABLE_KEYS)}, or "
+                                   f"null; got {data!r}")
+    check_keys(data, "table", TABLE_KEYS)
+    for key in ("title", "source"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ConfigError(f"table.{key}", f"must be text, got {data[key]!r}")
+    rows = _check_key_list(data.get("rows"), "table.rows", allow_empty=False)
+    columns = _check_key_list(data.get("columns"), "table.columns", allow_empty=True)
+    both = sorted(set(rows) & set(columns))
+    if both:
+        raise ConfigError("table.columns", f"{both[0]!r} is also in table.rows; a key is "
+                                           "either a row key or a column key")
+    metric = data.get("metric", DEFAULT_METRIC)
+    if metric is None:
+        metric = DEFAULT_METRIC
+    if metric not in METRICS:
+        raise ConfigError("table.metric", f"unknown metric {metric!r}; valid: "
+                                          f"{', '.join(METRICS)}")
+    as_error = data.get("as_error", False)
+    if as_error is not None and not isinstance(as_error, bool):
+        raise ConfigError("table.as_error", f"must be true or false, got {as_error!r}")
+    if as_error and metric not in ACCURACY_METRICS:
+        raise ConfigError("table.as_error", f"true needs an accuracy metric "
+                                            f"({', '.join(ACCURACY_METRICS)}), not {metric!r}")
+    target = data.get("loss_target")
+    if target is not None and not (_is_number(target) and target > 0):
+        raise ConfigError("table.loss_target", f"must be a training loss > 0 or null, got "
+                                               f"{target!r}")
+    reference = data.get("reference")
+    if reference is None:
+        return
+    shape = ("must map row labels to {column label: the paper's value}, e.g. "
+             "{standard: {cifar10: 77.9}}")
+    if not isinstance(reference, Mapping):
+        raise ConfigError("table.reference", f"{shape}; got {reference!r}")
+    for row, cols in reference.items():
+        if not isinstance(cols, Mapping):
+            raise ConfigError(f"table.reference.{row}", f"{shape}; got {cols!r}")
+        for col, value in cols.items():
+            if value is not None and not _is_number(value):
+                raise ConfigError(f"table.reference.{row}.{col}",
+                                  f"must be a number in the paper's unit (%) or null, "
+                                  f"got {value!r}")
+
+
+# -- cells ----------------------------------------------------------------------------------
+
+
+def ignored_key(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in NOT_SWEPT)
+
+
+def swept_keys(jobs: Sequence[Job]) -> list[str]:
+    """The override keys whose value differs across ``jobs`` (in first-seen order), without
+    the seed and the keys that do not change a result (`NOT_SWEPT`)."""
+    keys: list[str] = []
+    for job in jobs:
+        for written in job.overrides:
+            key = written.lstrip("+~")
+            if key not in keys and not ignored_key(key):
+                keys.append(key)
+    return [k for k in keys if len({job.override_value(k) for job in jobs}) > 1]
+
+
+@dataclass
+class Stat:
+    """Mean, sample standard deviation and count of a list of numbers."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> Stat:
+        numbers = [v for v in values if v is not None]
+        if not numbers:
+            return cls(None, None, 0)
+        std = statistics.stdev(numbers) if len(numbers) > 1 else None
+        return cls(statistics.fmean(numbers), std, len(numbers))
+
+    def text(self, digits: int = 2, *, with_n: bool = True) -> str:
+        if self.mean is None:
+            return "—"
+        out = f"{self.mean:.{digits}f}"
+        if self.std is not None:
+            out += f" ± {self.std:.{digits}f}"
+        return out + (f" (n={self.n})" if with_n else "")
+
+
+@dataclass
+class Cell:
+    """The jobs of one table cell (all seeds of one configuration)."""
+
+    row: str
+    column: str
+    jobs: list[Job] = field(default_factory=list)
+    duplicates: list[Job] = field(default_factory=list)  # finished again with a seed counted
+    missing: list[dict[str, str]] = field(default_factory=list)  # launched, but no folder
+
+    @property
+    def label(self) -> str:
+        return self.row if self.column == "all" else f"{self.row} [{self.column}]"
+
+    @property
+    def finished(self) -> list[Job]:
+        return [j for j in self.jobs if j.status == FINISHED and j not in self.duplicates]
+
+    @property
+    def unfinished(self) -> list[Job]:
+        return [j for j in self.jobs if j.status != FINISHED]
+
+    def problems(self) -> str:
+        """``1 killed, 1 failed``: the jobs of this cell that are not in its numbers."""
+        counts: dict[str, int] = {}
+        for job in self.unfinished:
+            counts[job.status] = counts.get(job.status, 0) + 1
+        if self.missing:
+            counts["missing"] = len(self.missing)
+        return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+    def values(self, key: str) -> list[float | None]:
+        return [finite(job.summary.get(key)) for job in self.finished]
+
+    def per_epoch(self, key: str) -> list[float | None]:
+        out = []
+        for job in self.finished:
+            seconds, epochs = finite(job.summary.get(key)), finite(job.summary.get("epoch"))
+            out.append(seconds / epochs if seconds is not None and epochs else None)
+        return out
+
+    def steps_to_loss(self, target: float) -> list[float | None]:
+        """Per seed: optimizer steps until an epoch's mean training loss first is <= target
+        (None when it never is). Epoch means, not single steps: one lucky batch is not
+        reaching a loss."""
+        out: list[float | None] = []
+        for job in self.finished:
+            by_epoch: dict[Any, list[tuple[int, float]]] = {}
+            for record in job.train:
+                loss = finite(record.get("train/loss"))
+                if loss is not None:
+                    by_epoch.setdefault(record.get("epoch"), []).append((record["step"], loss))
+            reached = None
+            for epoch in sorted(by_epoch, key=lambda e: min(s for s, _ in by_epoch[e])):
+                steps = by_epoch[epoch]
+                if statistics.fmean(loss for _, loss in steps) <= target:
+                    reached = float(max(s for s, _ in steps) + 1)
+                    break
+            out.append(reached)
+        return out
+
+
+@dataclass
+class Layout:
+    """The cells in table order, with the keys that placed them."""
+
+    spec: TableSpec
+    row_keys: list[str]
+    column_keys: list[str]
+    extra_keys: list[str]  # swept keys the table's rows/columns missed, added to the rows
+    rows: list[str]
+    columns: list[str]
+    cells: dict[tuple[str, str], Cell]
+
+    def ordered_cells(self) -> list[Cell]:
+        return [self.cells[(r, c)] for r in self.rows for c in self.columns
+                if (r, c) in self.cells]
+
+
+def _label(job: Job, keys: Sequence[str], extra: Sequence[str] = ()) -> str:
+    parts = [v for v in (job.override_value(k) for k in keys) if v is not None]
+    parts += [f"{k}={v}" for k in extra if (v := job.override_value(k)) is not None]
+    return " / ".join(parts) if parts else "all"
+
+
+def build_layout(jobs: Sequence[Job], spec: TableSpec) -> Layout:
+    """Group ``jobs`` into cells: one cell per combination of swept values (the seed
+    averaged), placed by the spec's row and column keys.
+
+    Jobs that differ in a swept key the spec does not name would share a cell: such keys
+    are added to the row labels (as ``key=value``), never silently merged.
+    """
+    swept = swept_keys(jobs)
+    row_keys = list(spec.rows) if spec.rows is not None else swept
+    column_keys = list(spec.columns)
+
+    def identity(job: Job) -> tuple:
+        return tuple(job.override_value(k) for k in swept)
+
+    extra: list[str] = []
+    while True:
+        groups: dict[tuple[str, str], set[tuple]] = {}
+        for job in jobs:
+            place = (_label(job, row_keys, extra), _label(job, column_keys))
+            groups.setdefault(place, set()).add(identity(job))
+        clashes = [ids for ids in groups.values() if len(ids) > 1]
+        if not clashes:
+            break
+        ids = sorted(clashes[0], key=str)
+        differing = [k for i, k in enumerate(swept)
+                     if len({key[i] for key in ids}) > 1 and k not in extra]
+        if not differing:  # cannot happen: different identities differ in some swept key
+            break
+        extra.append(differing[0])
+
+    cells: dict[tuple[str, str], Cell] = {}
+    for job in jobs:
+        place = (_label(job, row_keys, extra), _label(job, column_keys))
+        cells.setdefault(place, Cell(*place)).jobs.append(job)
+    for cell in cells.values():
+        _mark_duplicate_seeds(cell)
+
+    reference_rows = list(spec.reference)
+    reference_columns = [c for cols in spec.reference.values() for c in cols]
+
+    def order(labels: set[str], preferred: list[str]) -> list[str]:
+        first = [label for label in dict.fromkeys(preferred) if label in labels]
+        return first + sorted(labels - set(first), key=natural_key)
+
+    rows = order({r for r, _ in cells}, reference_rows)
+    columns = order({c for _, c in cells}, reference_columns)
+    return Layout(spec, row_keys, column_keys, extra, rows, columns, cells)
+
+
+def place_missing(layout: Layout, missing: Sequence[tuple[Any, dict[str, str]]]
+                  ) -> list[tuple[Any, dict[str, str]]]:
+    """Put each expected job that has no folder into its cell (``Cell.missing``): the cell
+    of a job with the same overrides but the seed, or, when every row and column key is an
+    override of the expected job, the cell those values name (created if no job has it).
+    Returns the ones that could not be placed."""
+    def comparable(overrides: Mapping[str, str]) -> dict[str, str]:
+        return {k.lstrip("+~"): v for k, v in overrides.items() if not ignored_key(k.lstrip("+~"))}
+
+    unplaced = []
+    for sweep, expected in missing:
+        wanted = comparable(expected)
+        cell = next((c for c in layout.cells.values()
+                     if any(comparable(job.overrides) == wanted for job in c.jobs)), None)
+        keys = layout.row_keys + layout.extra_keys + layout.column_keys
+        if cell is None and all(k in wanted for k in keys):
+            row_parts = [wanted[k] for k in layout.row_keys]
+            row_parts += [f"{k}={wanted[k]}" for k in layout.extra_keys]
+            row = " / ".join(row_parts) or "all"
+            column = " / ".join(wanted[k] for k in layout.column_keys) or "all"
+            cell = layout.cells.setdefault((row, column), Cell(row, column))
+            if row not in layout.rows:
+                layout.rows.append(row)
+            if column not in layout.columns:
+                layout.columns.append(column)
+        if cell is None:
+            unplaced.append((sweep, expected))
+        else:
+            cell.missing.append(expected)
+    return unplaced
+
+
+def _mark_duplicate_seeds(cell: Cell) -> None:
+    """Count each seed once: of several finished jobs with one seed, keep the newest."""
+    by_seed: dict[str, list[Job]] = {}
+    for job in cell.jobs:
+        if job.status == FINISHED:
+            by_seed.setdefault(format_value(job.seed), []).append(job)
+    for same in by_seed.values():
+        if len(same) > 1:
+            same.sort(key=lambda j: (j.path / "metrics.json").stat().st_mtime)
+            cell.duplicates.extend(same[:-1])
+
+
+# -- numbers in the paper's unit ------------------------------------------------------------
+
+
+def in_unit(value: float | None, metric: str, as_error: bool) -> float | None:
+    """An accuracy as % (or the error ``100 * (1 - acc)`` when ``as_error``); other
+    metrics unchanged."""
+    if value is None or metric not in ACCURACY_METRICS:
+        return value
+    return 100.0 * (1.0 - value) if as_error else 100.0 * value
+
+
+def metric_header(metric: str, as_error: bool) -> str:
+    names = {"best/test_acc": "best test", "test/acc": "final test"}
+    if metric in names:
+        return f"{names[metric]} {'error' if as_error else 'acc.'} (%)"
+    return {"test/loss": "final test loss", "train/loss": "final train loss"}[metric]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
+                   align: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured markdown table (``|`` in cells escaped)."""
+    def clean(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    marks = {"l": ":--", "r": "--:", "c": ":-:"}
+    lines = ["| " + " | ".join(clean(h) for h in header) + " |",
+             "|" + "|".join(marks[a] for a in align) + "|"]
+    lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
