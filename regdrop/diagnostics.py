@@ -65,6 +65,7 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from regdrop.errors import ConfigError, check_keys, check_number
+from regdrop.methods import begin_step
 from regdrop.methods.base import DropModule, derive_seed
 from regdrop.methods.gyro import GyroDropout
 from regdrop.methods.multisample import multisample_loss
@@ -513,10 +514,10 @@ class Diagnostics:
     """The diagnostics a training loop runs, built from the config ``diagnostics`` section.
 
     Build it after the method's surgery and before the first optimizer step (it keeps the
-    initial weights). In the loop: ``if diag.due(step): record |= diag.measure(step, model,
-    multisample_loss)`` after the step's rate and Gyro selection are set and before its
-    forward pass; at the end ``summary |= diag.evaluate(model, data.test, output_dir)``.
-    Pass the uncompiled model. With ``name: none`` nothing is due and `evaluate` returns {}.
+    initial weights). In the loop, before optimizer step ``step`` (run at drop-rate factor
+    ``factor``): ``if diag.due(step): log(diag.measure(step, model, factor=factor))``; at
+    the end ``summary |= diag.evaluate(model, data.test, output_dir)``. Pass the uncompiled
+    model. With ``name: none`` nothing is due and `evaluate` returns {}.
 
     ``data`` is the run's `regdrop.data.Data`: the batches come from ``data.train``'s tensors
     (a `TensorLoader`) through a sampler of their own; for a torch ``DataLoader`` (ImageNet)
@@ -562,9 +563,16 @@ class Diagnostics:
             return step in self.steps
         return self.every is not None and step % self.every == 0
 
-    def measure(self, step: int, model: nn.Module, loss_fn: LossFn = multisample_loss) -> dict[str, float]:
+    def measure(self, step: int, model: nn.Module, loss_fn: LossFn = multisample_loss,
+                factor: float | None = None) -> dict[str, float]:
         """``diag/gdv``, ``diag/gde``, ``diag/grad_norm``, ``diag/reference_grad_norm`` and
-        ``diag/weight_distance`` of ``model`` at ``step``; training is left untouched."""
+        ``diag/weight_distance`` of ``model`` at ``step``; training is left untouched.
+
+        With ``factor`` (the step's drop-rate factor), the drop layers are first put in the
+        state of ``step`` (`regdrop.methods.begin_step`: its rate, Gyro's selection), as the
+        training step will put them; that too is undone afterwards. Without it they are
+        measured as they are.
+        """
         if not self.initial:
             return {}
         n = self.num_train
@@ -576,10 +584,13 @@ class Diagnostics:
             chosen = torch.randperm(n, generator=_generator(self.seed, _STREAM_REFERENCE))
             chosen = chosen[: self.reference_batches * self.batch_size]
         reference = list(chosen.split(self.batch_size))
-        values = measure_gradients(
-            model, loss_fn, self._read(batches, step, 0), self._read(reference, step, len(batches)),
-            initial=self.initial, seed=derive_seed(self.seed, _STREAM_DROPOUT, step),
-        )
+        with preserved_state(model):
+            if factor is not None:
+                begin_step(model, step, factor)
+            values = measure_gradients(
+                model, loss_fn, self._read(batches, step, 0), self._read(reference, step, len(batches)),
+                initial=self.initial, seed=derive_seed(self.seed, _STREAM_DROPOUT, step),
+            )
         return {f"diag/{key}": value for key, value in values.items()}
 
     def _tensors(self) -> bool:

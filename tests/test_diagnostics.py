@@ -196,7 +196,9 @@ def test_measure_and_evaluate_leave_model_grads_rngs_and_loader_unchanged(model,
     x, y = next(iter(data.train))
     multisample_loss(net(x), y).backward()  # grads and BN statistics that must survive
     before = snapshot(net, data)
-    values = diag.measure(3, net, multisample_loss)
+    # factor: the drop layers are put in step 4's state (rate, Gyro selection) for the
+    # measurement, and back afterwards.
+    values = diag.measure(4, net, multisample_loss, factor=0.5)
     assert set(values) == {"diag/gdv", "diag/gde", "diag/grad_norm", "diag/reference_grad_norm",
                            "diag/weight_distance"}
     assert all(math.isfinite(v) for v in values.values()) and 0 < values["diag/gdv"] < 2
@@ -204,11 +206,12 @@ def test_measure_and_evaluate_leave_model_grads_rngs_and_loader_unchanged(model,
     diag.evaluate(net, data.test, tmp_path, max_batches=1)
     assert_same(before, snapshot(net, data))
     # Measuring is a function of (seed, step, weights): again gives the same numbers.
-    assert diag.measure(3, net, multisample_loss) == values
+    assert diag.measure(4, net, multisample_loss, factor=0.5) == values
+    assert diag.measure(4, net, multisample_loss, factor=0.0) != values
 
 
 def run_training(diag_section, steps: int = 8):
-    """A few SGD steps of the trainer's loop; measure (when due) before each step's forward."""
+    """A few SGD steps of the trainer's loop; measure (when due) before each step begins."""
     data = tiny_data(augment=True)
     net = tiny_model(data, "lenet", {"name": "standard", "p": 0.3}, total_steps=steps)
     diag = Diagnostics(diag_section, net, data, seed=0)
@@ -217,10 +220,10 @@ def run_training(diag_section, steps: int = 8):
     losses, measured = [], []
     batches = iter(data.train)
     for step in range(steps):
-        set_rate_factor(net, 1.0 - step / steps)
-        begin_step(net, step)
+        factor = 1.0 - step / steps
         if diag.due(step):
-            measured.append(diag.measure(step, net, multisample_loss))
+            measured.append(diag.measure(step, net, multisample_loss, factor=factor))
+        begin_step(net, step, factor)
         x, y = next(batches)
         loss = multisample_loss(net(x), y)
         loss.backward()
