@@ -24,8 +24,10 @@ from regdrop.report.runs import (
     KILLED,
     RUNNING,
     STOPPED,
+    find_sweeps,
     load_job,
     load_jobs,
+    missing_jobs,
     sweep_grid,
 )
 from regdrop.report.table import TableSpec, build_layout, swept_keys
@@ -222,8 +224,6 @@ def test_resumed_log_keeps_the_last_record_of_each_step_and_drops_the_abandoned_
     def evaluation(step, acc):
         return {"step": step, "epoch": step // 4, "test/loss": 1.0, "test/acc": acc}
 
-    lines = [train(s, 9.0) for s in range(6)] + [evaluation(4, 0.1)]
-    lines.insert(5, evaluation(4, 0.1))  # the epoch-1 evaluation, in its place
     lines = [train(s, 9.0) for s in range(4)] + [evaluation(4, 0.1)] + \
         [train(s, 9.0) for s in range(4, 7)]  # first attempt: reached step 6, then killed
     lines += [train(s, 1.0) for s in range(4, 6)]  # resumed from the step-4 checkpoint
@@ -342,6 +342,26 @@ def test_sweep_grid_expands_the_command_line_and_sweeper_params(tmp_path):
     assert len(grid.jobs) == 2 * 2 * 2  # the command line's seeds win over params'
     assert {"dropout.p": "0.1", "model": "lenet", "dropout": "gyro", "seed": "1"} in grid.jobs
     assert set(grid.swept) == {"dropout.p", "dropout", "seed"}
+
+
+def test_missing_jobs_match_by_result_overrides_and_a_bad_multirun_yaml_is_a_note(tmp_path):
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "overrides": {"task": ["dropout=standard,gyro", "seed=0,1"]}}}))
+    # A resumed job carries trainer.resume: still the job the sweep launched.
+    finished_job(tmp_path / "0", ["dropout=standard", "seed=0", "trainer.resume=last.pt"],
+                 config_of("standard", 0.5, 0), 0.5)
+    finished_job(tmp_path / "1", ["dropout=standard", "seed=1"], config_of("standard", 0.5, 1),
+                 0.5)
+    finished_job(tmp_path / "2", ["dropout=gyro", "seed=0"], config_of("gyro", 0.5, 0), 0.5)
+    jobs = load_jobs([tmp_path])
+    missing = missing_jobs(find_sweeps([tmp_path]), jobs)
+    assert [expected for _, expected in missing] == [{"dropout": "gyro", "seed": "1"}]
+    report = write_report([tmp_path], figures=False).path.read_text()
+    assert "(n=1) — 1 missing" in table_line(report, "gyro")
+
+    (tmp_path / "multirun.yaml").write_text("hydra: {overrides: {task: ['dropout=(']}}")
+    report = write_report([tmp_path], figures=False).path.read_text()
+    assert "could not be read" in report and "(n=1)" in table_line(report, "gyro")
 
 
 @pytest.mark.parametrize("section, key", [

@@ -85,7 +85,11 @@ def write_report(roots: Sequence[str | Path], out: str | Path | None = None, *,
     notes: list[str] = []
     spec = TableSpec.from_section(_table_section(jobs, notes))
     layout = build_layout(jobs, spec)
-    missing = place_missing(layout, missing_jobs(find_sweeps(roots), jobs))
+    sweeps = find_sweeps(roots)
+    notes += [f"`{sweep.root / 'multirun.yaml'}` could not be read ({sweep.error}): the jobs "
+              "it launched that have no folder cannot be named." for sweep in sweeps
+              if sweep.error]
+    missing = place_missing(layout, missing_jobs(sweeps, jobs))
     out_dir = Path(out) if out is not None else roots[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn = draw_figures(layout, out_dir / "figures") if figures else []

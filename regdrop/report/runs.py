@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Mapping
@@ -37,6 +38,11 @@ RUN_STATUSES = (RUNNING, FINISHED, FAILED, PREEMPTED, DIVERGED)  # what run.json
 # A running run whose files have not changed for this long is taken as dead (runs on other
 # hosts, whose pid cannot be checked from here).
 DEFAULT_STALE_S = 15 * 60
+
+# Override keys that never split a cell: the seed is averaged over, and these change where
+# and how a run is executed or logged, not its result.
+NOT_SWEPT = ("seed", "logger", "paths", "hydra", "trainer.device", "trainer.progress",
+             "trainer.resume", "data.num_workers", "data.root", "data.download", "local")
 
 _MISSING = object()
 
@@ -86,21 +92,27 @@ class Job:
         steps = [r["step"] for r in self.train] + [r["step"] for r in self.evals]
         return max(steps) if steps else None
 
-    @property
-    def last_epoch(self) -> Any:
-        records = self.evals[-1:] + self.train[-1:]
-        return max((r.get("epoch", 0) for r in records), default=None)
-
 
 def override_key(written: str) -> str:
     """An override's key without Hydra's ``+``, ``++`` or ``~`` prefix."""
     return written.lstrip("+~")
 
 
+def ignored_key(key: str) -> bool:
+    """Whether override ``key`` is one of `NOT_SWEPT` (or below one)."""
+    key = override_key(key)
+    return any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in NOT_SWEPT)
+
+
+def result_overrides(overrides: Mapping[str, str]) -> dict[str, str]:
+    """The overrides that decide a run's result: keys without prefix, `NOT_SWEPT` ones out
+    except the seed (a job's identity within its cell)."""
+    return {override_key(k): v for k, v in overrides.items()
+            if override_key(k) == "seed" or not ignored_key(k)}
+
+
 def format_value(value: Any) -> str:
     """A config value as it reads in a label: ``0.5``, ``16``, ``gyro``, ``[fc, conv]``."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return repr(value)  # keep 1.0 distinct from the integer 1
     if isinstance(value, list | tuple):
         return "[" + ", ".join(format_value(v) for v in value) + "]"
     return str(value)
@@ -298,8 +310,6 @@ def find_job_dirs(root: Path) -> list[Path]:
 
 def natural_key(text: str) -> list:
     """Sort key that orders the digit runs of ``text`` by number."""
-    import re
-
     return [(0, int(part), "") if part.isdigit() else (1, 0, part)
             for part in re.split(r"(\d+)", text) if part]
 
@@ -327,6 +337,7 @@ class Sweep:
     root: Path
     jobs: list[dict[str, str]]
     swept: list[str] = field(default_factory=list)
+    error: str = ""  # why multirun.yaml could not be read
 
 
 def sweep_grid(multirun_yaml: Path) -> Sweep:
@@ -367,20 +378,21 @@ def find_sweeps(roots: Iterable[Path]) -> list[Sweep]:
             try:
                 sweeps.append(sweep_grid(path))
             except Exception as err:  # a hand-edited file must not stop the report
-                sweeps.append(Sweep(path.parent, []))
-                print(f"regdrop-report: warning: cannot read {path}: {err}")
+                sweeps.append(Sweep(path.parent, [], error=f"{err.__class__.__name__}: {err}"))
     return sweeps
 
 
 def missing_jobs(sweeps: Iterable[Sweep], jobs: Iterable[Job]
                  ) -> list[tuple[Sweep, dict[str, str]]]:
-    """The jobs the sweeps launch for which no job folder exists (matched by all their
-    overrides), each with its sweep."""
-    present = [job.overrides for job in jobs]
+    """The jobs the sweeps launch for which no job folder exists, each with its sweep. A
+    folder holds a job when its overrides are the job's, up to the keys that do not change
+    a result (`NOT_SWEPT`: a resumed job may carry ``trainer.resume``, say)."""
+    present = [result_overrides(job.overrides) for job in jobs]
     missing: list[tuple[Sweep, dict[str, str]]] = []
     for sweep in sweeps:
         for expected in sweep.jobs:
-            if expected not in present and all(expected != m for _, m in missing):
+            if result_overrides(expected) not in present and \
+                    all(expected != m for _, m in missing):
                 missing.append((sweep, expected))
     return missing
 

@@ -17,7 +17,15 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from regdrop.errors import ConfigError, check_keys
-from regdrop.report.runs import FINISHED, Job, finite, format_value, natural_key
+from regdrop.report.runs import (
+    FINISHED,
+    Job,
+    finite,
+    format_value,
+    ignored_key,
+    natural_key,
+    result_overrides,
+)
 
 # Summary keys (metrics.json) a table can report, and what each one is.
 METRICS = {
@@ -30,10 +38,6 @@ ACCURACY_METRICS = ("best/test_acc", "test/acc")
 TABLE_KEYS = ("title", "source", "rows", "columns", "metric", "as_error", "reference",
               "loss_target")
 DEFAULT_METRIC = "best/test_acc"
-# Override keys that never split a cell: the seed is averaged over, and these change where
-# and how a run is executed or logged, not its result.
-NOT_SWEPT = ("seed", "logger", "paths", "hydra", "trainer.device", "trainer.progress",
-             "trainer.resume", "data.num_workers", "data.root", "data.download", "local")
 _DOTTED_KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*$")
 
 
@@ -167,10 +171,6 @@ def check_table(section: Any) -> None:
 
 
 # -- cells ----------------------------------------------------------------------------------
-
-
-def ignored_key(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in NOT_SWEPT)
 
 
 def swept_keys(jobs: Sequence[Job]) -> list[str]:
@@ -351,7 +351,7 @@ def place_missing(layout: Layout, missing: Sequence[tuple[Any, dict[str, str]]]
     override of the expected job, the cell those values name (created if no job has it).
     Returns the ones that could not be placed."""
     def comparable(overrides: Mapping[str, str]) -> dict[str, str]:
-        return {k.lstrip("+~"): v for k, v in overrides.items() if not ignored_key(k.lstrip("+~"))}
+        return {k: v for k, v in result_overrides(overrides).items() if k != "seed"}
 
     unplaced = []
     for sweep, expected in missing:
