@@ -298,16 +298,18 @@ def test_status_from_run_json_pid_and_staleness(tmp_path):
     subprocess.os.utime(stale / "metrics.jsonl", (old, old))
     diverged = write_job(tmp_path / "diverged", ["seed=0"], config, records=records)
     write_run_json(diverged, "diverged", pid=1)
+    interrupted = write_job(tmp_path / "interrupted", ["seed=0"], config, records=records)
+    write_run_json(interrupted, "interrupted", pid=1)
     no_run_json = write_job(tmp_path / "no_run_json", ["seed=0"], config, records=records)
     subprocess.os.utime(no_run_json / "metrics.jsonl", (old, old))
     early = write_job(tmp_path / "early", ["seed=0"], config)
     done = finished_job(tmp_path / "done", ["seed=0"], config, 0.5)
 
     status = {p.name: load_job(p).status for p in
-              (live, dead, elsewhere, stale, diverged, no_run_json, early, done)}
+              (live, dead, elsewhere, stale, diverged, interrupted, no_run_json, early, done)}
     assert status == {"live": RUNNING, "dead": KILLED, "elsewhere": RUNNING, "stale": KILLED,
-                      "diverged": "diverged", "no_run_json": STOPPED, "early": FAILED_EARLY,
-                      "done": FINISHED}
+                      "diverged": "diverged", "interrupted": "interrupted",
+                      "no_run_json": STOPPED, "early": FAILED_EARLY, "done": FINISHED}
     assert load_job(no_run_json, stale_s=3 * 3600).status == RUNNING
 
 

@@ -33,7 +33,9 @@ FAILED = "failed"
 FAILED_EARLY = "failed before training"
 PREEMPTED = "preempted"
 DIVERGED = "diverged"
-RUN_STATUSES = (RUNNING, FINISHED, FAILED, PREEMPTED, DIVERGED)  # what run.json may say
+INTERRUPTED = "interrupted"
+# What run.json says; any other word it holds is reported as it is.
+RUN_STATUSES = (RUNNING, FINISHED, FAILED, PREEMPTED, DIVERGED, INTERRUPTED)
 
 # A running run whose files have not changed for this long is taken as dead (runs on other
 # hosts, whose pid cannot be checked from here).
@@ -248,7 +250,7 @@ def job_status(job: Job, *, stale_s: float = DEFAULT_STALE_S, now: float | None 
     log = job.path / "metrics.jsonl"
     log_age = now - log.stat().st_mtime if log.exists() else None
     info = job.run_info
-    if isinstance(info, Mapping) and info.get("status") in RUN_STATUSES:
+    if isinstance(info, Mapping) and isinstance(info.get("status"), str) and info["status"]:
         status = info["status"]
         note = str(info.get("error") or info.get("message") or "")
         if status == RUNNING:
