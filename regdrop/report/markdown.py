@@ -92,8 +92,10 @@ def cell_table(layout: Layout) -> str:
     header = [cell_keys, "n", metric_header(spec.metric, spec.as_error)]
     if has_paper:
         header += ["paper", "ours − paper"]
-    header += [metric_header("test/acc", spec.as_error), "final train loss", "train s/epoch",
-               "wall s/epoch"]
+    show_final = spec.metric != "test/acc"
+    if show_final:
+        header.append(metric_header("test/acc", spec.as_error))
+    header += ["final train loss", "train s/epoch", "wall s/epoch"]
     if spec.loss_target is not None:
         header.append(f"steps to train loss ≤ {spec.loss_target:g}")
     header.append("seeds")
@@ -105,8 +107,9 @@ def cell_table(layout: Layout) -> str:
         line = [cell.label, str(len(cell.finished)), ours.text(digits, with_n=False)]
         if has_paper:
             line += ["" if paper is None else f"{paper:g}", delta]
-        line += [metric_stat(layout, cell, "test/acc").text(2, with_n=False),
-                Stat.of(cell.values("train/loss")).text(4, with_n=False),
+        if show_final:
+            line.append(metric_stat(layout, cell, "test/acc").text(2, with_n=False))
+        line += [Stat.of(cell.values("train/loss")).text(4, with_n=False),
                 Stat.of(cell.per_epoch("train_time_s")).text(1, with_n=False),
                 Stat.of(cell.per_epoch("wall_time_s")).text(1, with_n=False)]
         if spec.loss_target is not None:
