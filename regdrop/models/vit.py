@@ -1,4 +1,4 @@
-"""timm's VisionTransformer (ViT-Tiny by default) with every dropout made a drop site.
+"""timm's VisionTransformer (ViT-Tiny/16 and ViT-Base/16) with every dropout made a drop site.
 
 Sites, following the early-dropout paper (Liu et al., ICML 2023): position embedding,
 attention projection and MLP dropouts are ``token`` sites, attention probabilities an
@@ -6,11 +6,18 @@ attention projection and MLP dropouts are ``token`` sites, attention probabiliti
 rate as a Python float, which a regdrop layer does not have, so the explicit attention
 path is used (``fused_attn = False``) and the attention dropout is a real module call.
 Residual blocks are timm's ``Block`` (stochastic depth finds them).
+
+``vit_tiny`` (embed 192, 12 blocks, 3 heads; 5.7M parameters at 224 px) is the paper's
+early-dropout model, ``vit_base`` (embed 768, 12 blocks, 12 heads; 86.6M) its late-dropout
+model. Images up to 64 px use 4 px patches instead of 16 px ones.
+
+This module also holds the helpers the other timm models share: `sites_for_timm_dropouts`
+and `patch_size_for`.
 """
 
 from __future__ import annotations
 
-from timm.models.vision_transformer import Attention, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from regdrop.data import DataInfo
@@ -19,28 +26,71 @@ from regdrop.methods.base import DropSite
 SMALL_IMAGE = 64
 
 
-def sites_for_timm_dropouts(model: nn.Module, channels_first: tuple[str, ...] = ()) -> None:
+def sites_for_timm_dropouts(
+    model: nn.Module, channels_first: tuple[str, ...] = (), conv: tuple[str, ...] = ()
+) -> None:
     """Replace every plain ``nn.Dropout`` of a timm model by a `DropSite` of the right kind.
 
-    Dropouts inside a sub-module whose name ends with one of ``channels_first`` see their
-    features on axis 1 (MLP-Mixer's token-mixing MLP runs on ``B x C x T``).
+    ``attn_drop`` is an ``attn`` site; the classifier's dropout (``head_drop``, or the
+    ``drop`` of timm's ``head`` module) an ``fc`` site; dropouts inside a sub-module whose
+    name ends with one of ``conv`` see ``B x C x H x W`` maps (``conv`` sites: ConvNeXt's
+    1x1-conv MLP); every other dropout a ``token`` site. Token dropouts inside a sub-module
+    whose name ends with one of ``channels_first`` see their features on axis 1 (MLP-Mixer's
+    token-mixing MLP runs on ``B x C x T``).
     """
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Dropout:
-            parent_name, _, leaf = name.rpartition(".")
-            kind = {"attn_drop": "attn", "head_drop": "fc"}.get(leaf, "token")
-            axis = 1 if parent_name.endswith(channels_first) and channels_first else None
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, DropSite(kind, feature_axis=axis))
+        if type(module) is not nn.Dropout:
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        axis = None
+        if leaf == "attn_drop":
+            kind = "attn"
+        elif leaf == "head_drop" or parent_name.rpartition(".")[2] == "head":
+            kind = "fc"
+        elif conv and parent_name.endswith(conv):
+            kind = "conv"
+        else:
+            kind = "token"
+            axis = 1 if channels_first and parent_name.endswith(channels_first) else None
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, DropSite(kind, feature_axis=axis))
 
 
-def patch_size_for(image_size: int, large: int) -> int:
-    """``large`` for big images; for small ones the divisor of the size nearest large/4."""
+def explicit_attention(model: nn.Module) -> None:
+    """Turn off timm's fused attention everywhere, so that ``attn_drop`` sites are called.
+
+    Fused attention passes ``attn_drop.p`` to ``scaled_dot_product_attention`` and never
+    calls the module: a `DropSite` (or regdrop layer) there would not run.
+    """
+    for module in model.modules():
+        if hasattr(module, "fused_attn") and hasattr(module, "attn_drop"):
+            module.fused_attn = False
+
+
+def patch_size_for(image_size: int, large: int, small: int | None = None) -> int:
+    """``large`` for big images; for images up to 64 px the divisor of the size nearest
+    ``small`` (default ``large / 4``)."""
     if image_size > SMALL_IMAGE:
         return large
-    target = max(1, large // 4)
+    target = max(1, large // 4) if small is None else small
     divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
     return min(divisors, key=lambda d: (abs(d - target), -d))
+
+
+def build_vit(
+    info: DataInfo, *, embed_dim: int, depth: int, num_heads: int, patch_size: int | None
+) -> VisionTransformer:
+    """A timm ViT with 16 px patches (4 px for images up to 64 px), sites for its dropouts."""
+    patch = patch_size or patch_size_for(info.image_size, 16)
+    if info.image_size % patch:
+        raise ValueError(f"patch_size {patch} does not divide the image size {info.image_size}")
+    model = VisionTransformer(
+        img_size=info.image_size, patch_size=patch, in_chans=info.channels,
+        num_classes=info.num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+    )
+    sites_for_timm_dropouts(model)
+    explicit_attention(model)
+    return model
 
 
 def build_vit_tiny(
@@ -50,15 +100,18 @@ def build_vit_tiny(
     num_heads: int = 3,
     patch_size: int | None = None,
 ) -> VisionTransformer:
-    patch = patch_size or patch_size_for(info.image_size, 16)
-    if info.image_size % patch:
-        raise ValueError(f"patch_size {patch} does not divide the image size {info.image_size}")
-    model = VisionTransformer(
-        img_size=info.image_size, patch_size=patch, in_chans=info.channels,
-        num_classes=info.num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-    )
-    sites_for_timm_dropouts(model)
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.fused_attn = False
-    return model
+    """ViT-Tiny/16 (Liu et al.'s early-dropout model)."""
+    return build_vit(info, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                     patch_size=patch_size)
+
+
+def build_vit_base(
+    info: DataInfo,
+    embed_dim: int = 768,
+    depth: int = 12,
+    num_heads: int = 12,
+    patch_size: int | None = None,
+) -> VisionTransformer:
+    """ViT-Base/16 (Liu et al.'s late-stochastic-depth model)."""
+    return build_vit(info, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                     patch_size=patch_size)
