@@ -159,6 +159,23 @@ def test_submitit_local_runs_real_jobs(tmp_path):
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2
 
 
+@pytest.mark.slow  # four attempts of one minute each: ~2.5 min
+def test_submitit_requeues_a_timed_out_job_into_the_same_job_folder(tmp_path):
+    """The half of the resume contract that the launcher keeps (docs/scaling.md): a job
+    signalled before its time limit is requeued and runs again in the same job folder, where
+    its checkpoint is. submitit_local signals 30 s before the limit and requeues 3 times."""
+    endless = [o for o in TINY if o != "trainer=smoke"] + ["trainer.epochs=1000000", "trainer.progress=false"]
+    result = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=1",
+                     *TINY_MODELS["lenet"], *endless, f"paths.log_dir={tmp_path}",
+                     f"paths.data_dir={tmp_path / 'data'}", timeout=600)
+    assert result.returncode != 0 and "timed-out too many times" in result.stderr
+    [sweep] = (tmp_path / "train" / "multiruns").iterdir()  # ${now:...} resolved once
+    assert [j.name for j in job_dirs(sweep)] == ["0"]
+    [log] = (sweep / ".submitit").glob("*/*_0_log.err")
+    assert log.read_text().count("Caught signal SIGUSR2") == 4  # the first run and 3 requeues
+    assert (sweep / "0" / "metrics.jsonl").exists()
+
+
 # --- Optuna: hparams_search=gyro_optuna ---------------------------------------------------
 
 def is_invalid(job: Path) -> bool:
