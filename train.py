@@ -1,12 +1,13 @@
 """Train one configuration, or a sweep with -m. See README.md and `python train.py --help`."""
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from regdrop.cli import run
+from regdrop.cli import help_text, run
 
 # Run folders and data live under the project root, wherever train.py is called from.
 os.environ.setdefault("REGDROP_ROOT", str(Path(__file__).resolve().parent))
@@ -18,4 +19,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(help_text())  # regdrop's own help; Hydra's is --hydra-help
+        sys.exit(0)
     main()

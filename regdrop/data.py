@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from regdrop.errors import ConfigError, check_keys, check_number
+from regdrop.methods.base import derive_seed
 
 # Where Debian's dataset-fashion-mnist package puts the original IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -72,9 +73,19 @@ class Data:
 class TensorLoader:
     """Batches of an in-memory uint8 image tensor, normalised and augmented per batch.
 
-    Shuffling uses its own generator, so the order of batches is reproducible and does not
-    depend on (or disturb) the global RNG. ``drop_last`` keeps every batch the same size,
-    so that steps per epoch is ``len(images) // batch_size`` exactly.
+    Two random streams, both pure functions of ``(seed, epoch, ...)`` and independent of
+    the global RNG: the ORDER of epoch ``e`` is a permutation drawn from
+    ``derive_seed(seed, 0, e)``, and the AUGMENTATION of batch ``i`` of epoch ``e`` from
+    ``derive_seed(seed, 1, e, i, rank)``. So a run resumed in the middle of an epoch
+    restores its position (`state_dict`: epoch and batch) without replaying the
+    augmentation of the batches it skips. Each `iter` is one epoch: the epoch set by
+    `set_epoch` (as torch's ``DistributedSampler``), else the one after the last.
+
+    ``drop_last`` keeps every batch the same size, so that steps per epoch is
+    ``len(images) // (batch_size * world_size)`` exactly. With ``world_size > 1`` every
+    rank draws the same order and takes its slice of each global batch of
+    ``batch_size * world_size`` samples: rank ``r`` holds samples ``r*B .. (r+1)*B - 1`` of
+    it, so the global batch is the one a single process would see.
     """
 
     def __init__(
@@ -90,6 +101,8 @@ class TensorLoader:
         augment: bool = False,
         crop_padding: int = 4,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if images.dim() != 4:
             raise ValueError(f"images must be N x C x H x W, got shape {tuple(images.shape)}")
@@ -97,39 +110,59 @@ class TensorLoader:
         self.batch_size = batch_size
         self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
         self.crop_padding = crop_padding
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         channels = images.shape[1]
         self.mean = None if mean is None else torch.tensor(mean).view(1, channels, 1, 1)
         self.std = None if std is None else torch.tensor(std).view(1, channels, 1, 1)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0  # the epoch the next `iter` runs
+        self.position = 0  # batches of that epoch to skip (a resumed run)
 
     @property
     def dataset_size(self) -> int:
         return len(self.labels)
 
     def __len__(self) -> int:
+        n, step = len(self.labels), self.batch_size * self.world_size
+        if self.drop_last:
+            return n // step
+        return math.ceil(n / step)
+
+    def set_epoch(self, epoch: int, position: int = 0) -> None:
+        """Make the next `iter` run epoch ``epoch``, starting at its batch ``position``."""
+        self.epoch, self.position = epoch, position
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The order of the samples in epoch ``epoch`` (the same on every rank)."""
         n = len(self.labels)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if not self.shuffle:
+            return torch.arange(n)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))
+        return torch.randperm(n, generator=generator)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for i in range(len(self)):
-            index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self._prepare(self.images[index]), self.labels[index]
+        epoch, start = self.epoch, self.position
+        self.epoch, self.position = epoch + 1, 0
+        order = self.order(epoch)
+        step = self.batch_size * self.world_size
+        for i in range(start, len(self)):
+            first = i * step + self.rank * self.batch_size
+            index = order[first : min(first + self.batch_size, (i + 1) * step)]
+            yield self._prepare(self.images[index], epoch, i), self.labels[index]
 
-    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, images: torch.Tensor, epoch: int = 0, batch: int = 0) -> torch.Tensor:
         x = images.float().div_(255.0)
         if self.augment:
-            x = random_crop_flip(x, self.crop_padding, self.generator)
+            seed = derive_seed(self.seed, 1, epoch, batch, self.rank)
+            x = random_crop_flip(x, self.crop_padding, torch.Generator().manual_seed(seed))
         if self.mean is not None:
             x = x.sub_(self.mean).div_(self.std)
         return x
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.set_epoch(state["epoch"], state["position"])
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -147,8 +180,17 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) 
     return padded[batch, channel, rows, cols]
 
 
-def build_data(cfg, seed: int = 0) -> Data:
-    """Build the train and test loaders the config ``data`` section describes."""
+# (channels, image size, classes, train images, test images) of the fixed data sets.
+SHAPES = {
+    "fashion_mnist": (1, 28, 10, 60_000, 10_000),
+    "cifar10": (3, 32, 10, 50_000, 10_000),
+    "cifar100": (3, 32, 100, 50_000, 10_000),
+}
+
+
+def check_data(cfg) -> None:
+    """Check the config ``data`` section without reading any data: keys, values, and that
+    the data set is where ``data.root`` says (unless ``data.download``)."""
     name = cfg.name
     if name not in DATASETS:
         raise ConfigError("data.name", f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
@@ -157,14 +199,68 @@ def build_data(cfg, seed: int = 0) -> Data:
         check_number(cfg[key], f"data.{key}", integer=True, minimum=1)
     check_number(cfg.num_workers, "data.num_workers", integer=True, minimum=0)
     check_number(cfg.subset, "data.subset", integer=True, minimum=1, optional=True)
+    for key in ("download", "augment", "normalize"):
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"data.{key}", f"must be true or false, got {cfg[key]!r}")
     if name == "synthetic":
         for key in ("channels", "image_size", "num_classes", "num_train", "num_test"):
             check_number(cfg[key], f"data.{key}", integer=True, minimum=1)
         check_number(cfg.noise, "data.noise", minimum=0)
     if name == "imagenet":
         check_number(cfg.image_size, "data.image_size", integer=True, minimum=1)
+    info = data_info(cfg)
+    if cfg.subset is not None and info.num_train and cfg.subset > SHAPES.get(name, (0,) * 4)[3] > 0:
+        raise ConfigError("data.subset", f"must be in 1..{SHAPES[name][3]} or null, got {cfg.subset}")
+    if not cfg.download:
+        _check_present(cfg)
+
+
+def data_info(cfg) -> DataInfo:
+    """What the data looks like, from the config alone (nothing is read but, for ImageNet,
+    the class folder names). ``num_train`` is 0 where it is not known before loading."""
+    name = cfg.name
+    if name == "synthetic":
+        shape = (cfg.channels, cfg.image_size, cfg.num_classes, cfg.num_train, cfg.num_test)
+    elif name == "imagenet":
+        train = Path(cfg.root) / "train"
+        classes = sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else 1000
+        shape = (3, cfg.image_size, classes, 0, 0)
+    else:
+        shape = SHAPES[name]
+    channels, size, classes, num_train, num_test = shape
+    if cfg.subset is not None and num_train:
+        num_train = min(num_train, cfg.subset)
+    elif cfg.subset is not None:
+        num_train = cfg.subset
+    return DataInfo(name, classes, channels, size, num_train, num_test)
+
+
+def _check_present(cfg) -> None:
+    root = Path(cfg.root)
+    if cfg.name == "fashion_mnist":
+        raw = root / "FashionMNIST" / "raw"
+        if not all((raw / f).exists() for f in FASHION_MNIST_FILES) and not all(
+            (DEBIAN_FASHION_MNIST / f"{f}.gz").exists() for f in FASHION_MNIST_FILES
+        ):
+            raise _missing(cfg, "Fashion-MNIST", _FASHION_MNIST_HOW)
+    elif cfg.name in ("cifar10", "cifar100"):
+        folder = _CIFAR[cfg.name][1]
+        if not (root / folder).is_dir():
+            raise _missing(cfg, f"{cfg.name.upper()} ({folder}/)", _CIFAR_HOW)
+    elif cfg.name == "imagenet" and not ((root / "train").is_dir() and (root / "val").is_dir()):
+        raise _missing(cfg, "ImageNet (train/ and val/ ImageFolder trees)", _IMAGENET_HOW)
+
+
+def build_data(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
+    """Build the train and test loaders the config ``data`` section describes.
+
+    ``batch_size`` is the batch of one process; with ``world_size`` processes the global
+    batch is ``batch_size * world_size``, and rank ``rank`` loads its slice of it.
+    """
+    check_data(cfg)
+    name = cfg.name
     if name == "imagenet":
-        return _imagenet(cfg, seed)
+        return _imagenet(cfg, seed, rank, world_size)
     if name == "synthetic":
         train_x, train_y, test_x, test_y, num_classes = _synthetic(cfg, seed)
     elif name == "fashion_mnist":
@@ -175,11 +271,11 @@ def build_data(cfg, seed: int = 0) -> Data:
         if not 0 < cfg.subset <= len(train_y):
             raise ConfigError("data.subset", f"must be in 1..{len(train_y)} or null, got {cfg.subset}")
         train_x, train_y = train_x[: cfg.subset], train_y[: cfg.subset]
-    if len(train_y) < cfg.batch_size:
+    if len(train_y) < cfg.batch_size * world_size:
         raise ConfigError(
             "data.batch_size",
-            f"{cfg.batch_size} is larger than the {len(train_y)} training images; "
-            "lower data.batch_size or raise data.subset",
+            f"{cfg.batch_size} x {world_size} process(es) is larger than the {len(train_y)} "
+            "training images; lower data.batch_size or raise data.subset",
         )
     mean, std = STATS.get(name, (None, None)) if cfg.normalize else (None, None)
     info = DataInfo(
@@ -193,12 +289,24 @@ def build_data(cfg, seed: int = 0) -> Data:
     padding = 2 if name == "fashion_mnist" else 4
     train = TensorLoader(
         train_x, train_y, cfg.batch_size, shuffle=True, drop_last=True, mean=mean, std=std,
-        augment=cfg.augment, crop_padding=padding, seed=seed,
+        augment=cfg.augment, crop_padding=padding, seed=seed, rank=rank, world_size=world_size,
     )
     test = TensorLoader(
         test_x, test_y, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=mean, std=std,
     )
     return Data(info, train, test)
+
+
+_FASHION_MNIST_HOW = (
+    "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or run once with "
+    "data.download=true where the network allows."
+)
+_CIFAR = {"cifar10": (10, "cifar-10-batches-py"), "cifar100": (100, "cifar-100-python")}
+_CIFAR_HOW = (
+    "Download the python version from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it "
+    "into data.root, or run once with data.download=true where the network allows."
+)
+_IMAGENET_HOW = "Prepare ILSVRC-2012 as <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG."
 
 
 def _missing(cfg, what: str, how: str) -> ConfigError:
@@ -232,12 +340,7 @@ def _fashion_mnist(cfg):
                 with gzip.open(DEBIAN_FASHION_MNIST / f"{f}.gz", "rb") as src, open(raw / f, "wb") as dst:
                     shutil.copyfileobj(src, dst)
         elif not cfg.download:
-            raise _missing(
-                cfg,
-                "Fashion-MNIST",
-                "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or run "
-                "once with data.download=true where the network allows.",
-            )
+            raise _missing(cfg, "Fashion-MNIST", _FASHION_MNIST_HOW)
     train, test = _torchvision_splits(FashionMNIST, cfg, "Fashion-MNIST")
     return (
         train.data.unsqueeze(1), train.targets.long(),
@@ -248,16 +351,10 @@ def _fashion_mnist(cfg):
 def _cifar(cfg):
     from torchvision.datasets import CIFAR10, CIFAR100
 
-    cls, folder, classes = (
-        (CIFAR10, "cifar-10-batches-py", 10) if cfg.name == "cifar10" else (CIFAR100, "cifar-100-python", 100)
-    )
+    cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
+    classes, folder = _CIFAR[cfg.name]
     if not cfg.download and not (Path(cfg.root) / folder).is_dir():
-        raise _missing(
-            cfg,
-            f"{cfg.name.upper()} ({folder}/)",
-            "Download the python version from https://www.cs.toronto.edu/~kriz/cifar.html and "
-            "unpack it into data.root, or run once with data.download=true where the network allows.",
-        )
+        raise _missing(cfg, f"{cfg.name.upper()} ({folder}/)", _CIFAR_HOW)
     train, test = _torchvision_splits(cls, cfg, cfg.name.upper())
 
     def to_tensor(ds):
@@ -281,16 +378,12 @@ def _synthetic(cfg, seed: int):
     return (*sample(cfg.num_train), *sample(cfg.num_test), cfg.num_classes)
 
 
-def _imagenet(cfg, seed: int) -> Data:
+def _imagenet(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Data:
     from torchvision import datasets, transforms
 
     root = Path(cfg.root)
     if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise _missing(
-            cfg,
-            "ImageNet (train/ and val/ ImageFolder trees)",
-            "Prepare ILSVRC-2012 as <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG.",
-        )
+        raise _missing(cfg, "ImageNet (train/ and val/ ImageFolder trees)", _IMAGENET_HOW)
     mean, std = STATS["imagenet"]
     norm = [transforms.Normalize(mean, std)] if cfg.normalize else []
     size = cfg.image_size
@@ -309,10 +402,23 @@ def _imagenet(cfg, seed: int) -> Data:
         picked = torch.randperm(len(train_set), generator=generator)[: cfg.subset]
         train_set = torch.utils.data.Subset(train_set, picked.tolist())
     workers = cfg.num_workers
+    # Seeded, sharded order: epoch e's permutation depends only on (seed, e), and rank r
+    # reads every world_size-th sample of it. `set_epoch` moves it on each epoch.
+    sampler = DistributedSampler(
+        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
     train = DataLoader(
-        train_set, cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+        train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, generator=generator,
     )
     test = DataLoader(test_set, cfg.eval_batch_size, num_workers=workers, pin_memory=torch.cuda.is_available())
     info = DataInfo("imagenet", len(test_set.classes), 3, size, len(train_set), len(test_set))
     return Data(info, train, test)
+
+
+def set_epoch(loader: TensorLoader | DataLoader, epoch: int) -> None:
+    """Make ``loader``'s next pass epoch ``epoch`` (its order depends on the epoch alone)."""
+    if isinstance(loader, TensorLoader):
+        loader.set_epoch(epoch)
+    elif isinstance(getattr(loader, "sampler", None), DistributedSampler):
+        loader.sampler.set_epoch(epoch)

@@ -2,8 +2,9 @@
 
 Definitions follow Liu et al., "Dropout Reduces Underfitting" (ICML 2023) and its official
 code. Steps are optimizer steps (a gradient-accumulation cycle counts once). A cutoff or
-warm-up given in epochs becomes ``N = epochs * steps_per_epoch`` steps, rounded half up, so
-a fractional epoch is fine. With step ``s`` counted from 0:
+warm-up given in epochs becomes ``N = epochs * steps_per_epoch`` steps, rounded half up
+(`epochs_to_steps`, the rule the learning-rate schedules use too), so a fractional epoch is
+fine. With step ``s`` counted from 0:
 
 * ``constant``: 1 at every step.
 * ``early``, ``shape=constant``: 1 for ``s < N``, then 0.
@@ -39,6 +40,28 @@ def steps_per_epoch(num_train: int, batch_size: int, grad_accum: int = 1, world_
     return num_train // (batch_size * grad_accum * world_size)
 
 
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+    """``epochs`` (may be fractional) in optimizer steps, rounded half up: the one rule for
+    every duration given in epochs (drop-rate cutoffs and warm-ups, LR warm-ups and
+    milestones). Python's round() would send 7.5 steps to 8 but 2.5 to 2."""
+    return math.floor(epochs * steps_per_epoch + 0.5)
+
+
+def check_schedule(cfg) -> None:
+    """Check the config ``schedule`` section: name, keys and values."""
+    options = dict(cfg)
+    name = options.pop("name", "constant")
+    if name not in SCHEDULES:
+        raise ConfigError("schedule.name", f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    check_keys(options, "schedule", _KEYS[name])
+    shape = options.get("shape", "constant")
+    if shape not in SHAPES:
+        raise ConfigError("schedule.shape", f"must be one of {', '.join(SHAPES)}, got {shape!r}")
+    for key in ("cutoff_epoch", "warmup_epochs"):
+        if key in options:
+            check_number(options[key], f"schedule.{key}", minimum=0)
+
+
 @dataclass(frozen=True)
 class DropSchedule:
     """A drop-rate schedule, as a factor in [0, 1] of the peak rate at each optimizer step."""
@@ -58,16 +81,11 @@ class DropSchedule:
     @classmethod
     def from_config(cls, cfg, steps_per_epoch: int) -> DropSchedule:
         """Build from the config ``schedule`` section; epochs become steps here."""
+        check_schedule(cfg)
         options = dict(cfg)
         name = options.pop("name", "constant")
-        if name not in SCHEDULES:
-            raise ConfigError("schedule.name", f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
-        check_keys(options, "schedule", _KEYS[name])
         epochs = options.get("cutoff_epoch", options.get("warmup_epochs", 0))
-        key = "schedule.warmup_epochs" if name == "warmup" else "schedule.cutoff_epoch"
-        check_number(epochs, key, minimum=0)
-        # Rounded half up (Python's round() would send 7.5 steps to 8 but 2.5 to 2).
-        steps = math.floor(epochs * steps_per_epoch + 0.5)
+        steps = epochs_to_steps(epochs, steps_per_epoch)
         return cls(name=name, shape=options.get("shape", "constant"), steps=steps)
 
     def factor(self, step: int) -> float:

@@ -1,52 +1,111 @@
-"""Where a run's numbers go: ``metrics.jsonl`` and ``metrics.json`` in the run folder, and wandb.
+"""Where a run's numbers and words go: files in the run folder, wandb, and the console.
 
-The files are written whatever the logger, one JSON line per record, flushed at once, so
-that a killed run keeps every step it logged. wandb runs offline by default (no account,
-no network) inside the run folder; ``WANDB_MODE`` in the environment wins over
-``logger.mode``. Each Hydra job gets its own wandb run, finished when the job ends, even
-when several jobs of a multirun share one process.
+`RunTracker` is a context manager around a run. Inside it the run folder holds:
+
+* ``metrics.jsonl``: one JSON line per optimizer step and one per evaluation, flushed as
+  written, so a killed run keeps every step it logged;
+* ``metrics.json``: the final summary, written when the run ends well;
+* ``train.log``: everything the run printed (`RunTracker.print`);
+* ``run.json``: the run's status (``running``, ``finished``, ``failed``, ``interrupted``),
+  process id, host and times, so a reader can tell a finished run from a killed one.
+
+wandb runs offline by default (no account, no network) inside the run folder;
+``WANDB_MODE`` in the environment wins over ``logger.mode``. Each Hydra job gets its own
+wandb run, finished when the job ends, even when several jobs of a multirun share one
+process.
+
+`StepLog` keeps each step's loss and accuracy on the device and reads them in one go every
+``trainer.log_every`` steps: between two reads the training loop never waits for the device.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import socket
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from regdrop.errors import ConfigError, check_keys
 
 WANDB_MODES = ("offline", "online", "disabled")
 WANDB_KEYS = {"name", "mode", "project", "entity", "group", "run_name", "tags"}
+LOGGERS = ("wandb", "none")
+
+
+def check_logger(logger) -> None:
+    """Check the config ``logger`` section: name, keys, and the wandb mode in force."""
+    if logger.name not in LOGGERS:
+        raise ConfigError("logger.name", f"unknown logger {logger.name!r}; valid: {', '.join(LOGGERS)}")
+    check_keys(logger, "logger", WANDB_KEYS if logger.name == "wandb" else {"name"})
+    if logger.name == "wandb":
+        mode = os.environ.get("WANDB_MODE") or logger.mode
+        if mode not in WANDB_MODES:
+            source = "WANDB_MODE" if os.environ.get("WANDB_MODE") else "logger.mode"
+            raise ConfigError(source, f"must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
 
 
 class RunTracker:
-    """Writes the metrics files and, when configured, a wandb run."""
+    """The run folder's files, wandb, and the console, opened and closed with the run."""
 
     def __init__(self, output_dir: Path, cfg: DictConfig) -> None:
         self.output_dir = Path(output_dir)
+        self.cfg = cfg
+        self.wandb_run = None
+        self._jsonl = self._log = None
+        self._status: dict[str, Any] = {}
+
+    def __enter__(self) -> RunTracker:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.output_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
-        self.wandb_run = None
-        logger = cfg.logger
-        if logger.name == "wandb":
-            check_keys(logger, "logger", WANDB_KEYS)
-            self.wandb_run = _start_wandb(self.output_dir, cfg)
-        elif logger.name != "none":
-            raise ConfigError("logger", f"unknown logger {logger.name!r}; valid: wandb, none")
+        self._log = open(self.output_dir / "train.log", "a", buffering=1)  # noqa: SIM115
+        now = _now()
+        self._status = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
+                        "started": now, "updated": now}
+        self._write_status()
+        if self.cfg.logger.name == "wandb":
+            self.wandb_run = _start_wandb(self.output_dir, self.cfg)
+        return self
+
+    def __exit__(self, kind, err, traceback) -> None:
+        if kind is None:
+            self.finish(None)
+        else:
+            self._close("interrupted" if issubclass(kind, KeyboardInterrupt) else "failed", exit_code=1)
 
     @property
     def run_id(self) -> str | None:
         return None if self.wandb_run is None else self.wandb_run.id
+
+    def print(self, message: str) -> None:
+        """A line for the user: on the console and in the run folder's ``train.log``."""
+        print(message, flush=True)
+        if self._log is not None:
+            self._log.write(message + "\n")
 
     def log(self, record: dict[str, Any], step: int) -> None:
         """One record: a line of metrics.jsonl and a wandb log call at ``step``."""
         self._jsonl.write(json.dumps(_clean(record)) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def heartbeat(self) -> None:
+        """Mark the run alive now (``run.json``'s ``updated``)."""
+        self._status["updated"] = _now()
+        self._write_status()
+
+    def write_text(self, name: str, text: str) -> Path:
+        """A text file in the run folder (the surgery report, say)."""
+        path = self.output_dir / name
+        path.write_text(text if text.endswith("\n") else text + "\n")
+        return path
 
     def log_config_extra(self, values: dict[str, Any]) -> None:
         """Facts found at run time (surgery report, steps per epoch): into the wandb config."""
@@ -59,28 +118,98 @@ class RunTracker:
 
             self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
 
-    def finish(self, summary: dict[str, Any] | None, exit_code: int = 0) -> None:
+    def finish(self, summary: dict[str, Any] | None) -> None:
         """Write metrics.json (when the run has a summary) and close everything."""
+        if self._jsonl is None:
+            return
         if summary is not None:
             with open(self.output_dir / "metrics.json", "w") as f:
                 json.dump(_clean(summary), f, indent=2)
-        self._jsonl.close()
-        if self.wandb_run is not None:
-            if summary is not None:
+            if self.wandb_run is not None:
                 for key, value in summary.items():
                     self.wandb_run.summary[key] = value
+        self._close("finished", exit_code=0)
+
+    def _close(self, status: str, exit_code: int) -> None:
+        if self._jsonl is None:
+            return
+        self._jsonl.close()
+        self._jsonl = None
+        if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
+        self._status.update(status=status, updated=_now())
+        self._write_status()
+        self._log.close()
+        self._log = None
+
+    def _write_status(self) -> None:
+        path = self.output_dir / "run.json"
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(self._status, indent=2) + "\n")
+        os.replace(temporary, path)
+
+
+@dataclass
+class StepValues:
+    """What one flush of `StepLog` read: per-step values, on the host."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    correct: list[int] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of these steps, the wait for the device included
+
+
+class StepLog:
+    """Per-step records held on the device and written every ``every`` steps.
+
+    `add` keeps the step's loss and correct count as device tensors (no sync); `flush`
+    reads all of them with one host transfer, writes one metrics.jsonl record per step
+    (``step``, ``epoch``, ``train/loss``, ``train/acc``, ``lr``, ``train/drop_rate``,
+    ``samples_per_s``: the throughput of the flushed window) and returns the values.
+    """
+
+    def __init__(self, tracker: RunTracker, every: int) -> None:
+        self.tracker, self.every = tracker, every
+        self._pending: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, int]] = []
+        self._window_start = time.perf_counter()
+
+    def start_window(self) -> None:
+        """Start timing here (after an evaluation, say, which is not training time)."""
+        self._window_start = time.perf_counter()
+
+    def add(self, record: dict[str, Any], loss: torch.Tensor, correct: torch.Tensor, samples: int) -> bool:
+        """Hold one step's values; True when it is time to `flush`."""
+        self._pending.append((record, loss.detach(), correct.detach(), samples))
+        return len(self._pending) >= self.every
+
+    def flush(self) -> StepValues:
+        values = StepValues()
+        if not self._pending:
+            return values
+        stacked = torch.stack([torch.stack([loss.float(), correct.float()]) for _, loss, correct, _ in self._pending])
+        read = stacked.tolist()  # the one host read of the window
+        values.seconds = time.perf_counter() - self._window_start
+        throughput = sum(s for *_, s in self._pending) / max(values.seconds, 1e-9)
+        for (record, _, _, samples), (loss, correct) in zip(self._pending, read, strict=True):
+            correct = round(correct)
+            self.tracker.log({**record, "train/loss": loss, "train/acc": correct / samples,
+                              "samples_per_s": throughput}, step=record["step"])
+            values.steps.append(record["step"])
+            values.losses.append(loss)
+            values.correct.append(correct)
+            values.samples.append(samples)
+        self._pending.clear()
+        self.tracker.heartbeat()
+        self.start_window()
+        return values
 
 
 def _start_wandb(output_dir: Path, cfg: DictConfig):
     import wandb
 
     logger = cfg.logger
-    mode = os.environ.get("WANDB_MODE") or logger.mode
-    if mode not in WANDB_MODES:
-        source = "WANDB_MODE" if os.environ.get("WANDB_MODE") else "logger.mode"
-        raise ConfigError(source, f"must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
     return wandb.init(
         project=logger.project,
         entity=logger.entity,
@@ -89,12 +218,17 @@ def _start_wandb(output_dir: Path, cfg: DictConfig):
         tags=list(logger.tags or []),
         config=OmegaConf.to_container(cfg, resolve=True),
         dir=str(output_dir),
-        mode=mode,
+        mode=os.environ.get("WANDB_MODE") or logger.mode,
         reinit="finish_previous",
         settings=wandb.Settings(silent=True, console="off"),
     )
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def _clean(record: dict[str, Any]) -> dict[str, Any]:
     """JSON-safe values: NaN and infinities become None (JSON has no NaN)."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+

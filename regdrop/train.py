@@ -1,252 +1,224 @@
-"""The training task: `train(cfg)` builds everything from the config, trains, evaluates and
-returns the final metrics. It reads top to bottom; Hydra lives only in `regdrop.cli`.
+"""The training task: `train(cfg)` checks the whole config, builds everything from it,
+trains, evaluates and returns the final metrics. It reads top to bottom; one optimizer step
+is `train_step`, one evaluation `evaluate`. Hydra lives only in `regdrop.cli`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import random
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from regdrop.data import build_data
-from regdrop.errors import ConfigError, check_keys, check_number
-from regdrop.methods import apply_method, begin_step, drop_modules, peak_rate, set_rate_factor
-from regdrop.methods.multisample import collapse_copies, multisample_loss
+from regdrop.checkpoint import TrainState
+from regdrop.config import validate
+from regdrop.data import build_data, set_epoch
+from regdrop.errors import ConfigError
+from regdrop.methods import (
+    apply_method,
+    begin_step,
+    peak_rate,
+    predictions,
+    setup_run,
+    training_loss,
+)
 from regdrop.models import build_model
 from regdrop.optim import build_lr_schedule, build_optimizer
 from regdrop.plots import plot_schedules
+from regdrop.runtime import Runtime, setup_runtime
 from regdrop.schedules import DropSchedule, steps_per_epoch
-from regdrop.tracking import RunTracker
-
-TRAINER_KEYS = {
-    "epochs", "grad_accum", "device", "precision", "compile", "compile_backend", "deterministic",
-    "threads", "eval_every", "eval_batches", "max_steps", "grad_clip", "progress",
-}
-TOP_LEVEL_KEYS = {
-    "task_name", "seed", "tags", "optimized_metric",
-    "data", "model", "dropout", "schedule", "optim", "lr", "trainer", "logger", "paths",
-}
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from regdrop.tracking import RunTracker, StepLog
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train and evaluate the configured model; write metrics files; return the summary."""
-    check_keys(cfg, None, TOP_LEVEL_KEYS)
-    trainer = cfg.trainer
-    check_trainer(trainer)
-    output_dir = Path(cfg.paths.output_dir)
-    seed_everything(cfg.seed, trainer.deterministic)
-    if trainer.threads:
-        torch.set_num_threads(trainer.threads)
-    device = pick_device(trainer.device)
-    autocast_dtype = pick_precision(trainer.precision, device)
-
+    """Train and evaluate the configured model; write the run folder; return the summary."""
+    validate(cfg)  # every check, before any data is read or any model built
+    trainer, output_dir = cfg.trainer, Path(cfg.paths.output_dir)
+    runtime = setup_runtime(trainer, cfg.seed)
     data = build_data(cfg.data, seed=cfg.seed)
     model = build_model(cfg.model, data.info)
-    report = apply_method(model, cfg.dropout)  # surgery before any wrapping or compiling
-    peak = peak_rate(cfg.dropout)
-    world_size = 1  # one process until data parallelism (torchrun) is built
-    per_epoch = steps_per_epoch(data.info.num_train, cfg.data.batch_size, trainer.grad_accum, world_size)
-    if per_epoch < 1:
-        raise ConfigError(
-            "data.batch_size",
-            f"{data.info.num_train} training images give no optimizer step per epoch at batch "
-            f"{cfg.data.batch_size} x grad_accum {trainer.grad_accum} x world size {world_size}",
-        )
-    total_steps = per_epoch * trainer.epochs
-    if trainer.max_steps is not None:
-        total_steps = min(total_steps, trainer.max_steps)
+    report = apply_method(model, cfg.dropout, seed=cfg.seed)  # surgery before wrapping or compiling
+    per_epoch, total_steps = run_length(cfg, data.info.num_train)
     schedule = DropSchedule.from_config(cfg.schedule, per_epoch)
-
-    model.to(device)
-    for module in drop_modules(model):
-        module.setup_run(total_steps)
+    model.to(runtime.device)
+    setup_run(model, total_steps)
     optimizer = build_optimizer(cfg.optim, model)
-    lr_schedule = build_lr_schedule(cfg.lr, optimizer, per_epoch, total_steps)
-    net = torch.compile(model, backend=trainer.compile_backend) if trainer.compile else model
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16)
+    parts = StepParts(
+        model=model,
+        net=torch.compile(model, backend=trainer.compile_backend) if trainer.compile else model,
+        optimizer=optimizer,
+        lr_schedule=build_lr_schedule(cfg.lr, optimizer, per_epoch, total_steps),
+        scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.autocast_dtype is torch.float16),
+        runtime=runtime, grad_accum=trainer.grad_accum, grad_clip=trainer.grad_clip,
+    )
+    peak, state = peak_rate(model), TrainState()
 
-    tracker = RunTracker(output_dir, cfg)
-    try:
+    with RunTracker(output_dir, cfg) as tracker:
         parameters = sum(p.numel() for p in model.parameters())
-        print(f"regdrop: {cfg.model.name} ({parameters / 1e6:.2f}M parameters) on {data.info.name}, "
-              f"{device}, {per_epoch} steps/epoch, {total_steps} steps")
-        print(f"surgery: {report.summary()}")
-        print(f"drop rate: peak {peak:g}, schedule {schedule.describe()}")
-        tracker.log_config_extra({
-            "surgery": report.counts(), "steps_per_epoch": per_epoch, "total_steps": total_steps,
-            "parameters": parameters, "device": str(device),
-        })
-        plot = plot_schedules(
-            [(schedule.name, schedule)], peak, total_steps, per_epoch, output_dir / "drop_schedule.png",
-            title=f"{cfg.dropout.name}: {schedule.describe()}",
-        )
+        tracker.print(f"regdrop: {cfg.model.name} ({parameters / 1e6:.2f}M parameters) on {data.info.name}, "
+                      f"{runtime.device}, batch {cfg.data.batch_size} x {trainer.grad_accum} micro-batches, "
+                      f"{per_epoch} steps/epoch, {total_steps} steps")
+        tracker.print(f"method: {report.describe_method()}")
+        tracker.print(f"surgery: {report.summary()} (surgery.txt)")
+        tracker.print(f"drop rate: peak {peak:g}, schedule {schedule.describe()}")
+        tracker.write_text("surgery.txt", "\n".join(report.lines()))
+        tracker.log_config_extra({"surgery": report.counts(), "method_options": report.options,
+                                  "steps_per_epoch": per_epoch, "total_steps": total_steps,
+                                  "parameters": parameters, "device": str(runtime.device)})
+        plot = plot_schedules([(schedule.name, schedule)], peak, total_steps, per_epoch,
+                              output_dir / "drop_schedule.png", title=f"{cfg.dropout.name}: {schedule.describe()}")
         tracker.log_image("drop_schedule", plot)
 
-        def autocast():
-            if autocast_dtype is None:
-                return contextlib.nullcontext()
-            return torch.autocast(device.type, dtype=autocast_dtype)
-
-        step, best_acc, test = 0, 0.0, {}
-        train_time, train_samples, epoch = 0.0, 0, 0
-        epoch_loss = float("nan")
+        step_log = StepLog(tracker, trainer.log_every)
         run_start = time.perf_counter()
         for epoch in range(1, trainer.epochs + 1):
-            model.train()
+            state.begin_epoch(epoch)
+            set_epoch(data.train, epoch - 1)
             batches = iter(data.train)
-            steps_this_epoch = min(per_epoch, total_steps - step)
+            steps_this_epoch = min(per_epoch, total_steps - state.step)
             # disable=None: no bar when stderr is not a terminal (batch jobs, SLURM logs).
-            bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch}/{trainer.epochs}",
-                       disable=None if trainer.progress else True, leave=False, dynamic_ncols=True)
-            loss_total, samples_total, correct_total = 0.0, 0, 0
+            bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch}/{trainer.epochs}", leave=False,
+                       disable=None if trainer.progress else True, dynamic_ncols=True)
+            step_log.start_window()
             for _ in range(steps_this_epoch):
-                step_start = time.perf_counter()
-                factor = schedule.factor(step)
-                set_rate_factor(model, factor)
-                begin_step(model, step)
-                lr = optimizer.param_groups[0]["lr"]
-                step_loss = torch.zeros((), device=device)
-                step_correct = torch.zeros((), device=device, dtype=torch.long)
-                step_samples = 0
-                for _ in range(trainer.grad_accum):
-                    x, y = next(batches)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with autocast():
-                        logits = net(x)
-                        loss = multisample_loss(logits.float(), y)
-                    scaler.scale(loss / trainer.grad_accum).backward()
-                    step_loss += loss.detach() / trainer.grad_accum
-                    step_correct += (collapse_copies(logits.detach()).argmax(-1) == y).sum()
-                    step_samples += len(y)
-                if trainer.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                lr_schedule.step()
-
-                loss_value, correct = step_loss.item(), int(step_correct.item())
-                elapsed = time.perf_counter() - step_start
-                train_time += elapsed
-                train_samples += step_samples
-                loss_total += loss_value * step_samples
-                samples_total += step_samples
-                correct_total += correct
-                tracker.log({
-                    "step": step, "epoch": epoch, "train/loss": loss_value,
-                    "train/acc": correct / step_samples, "lr": lr, "train/drop_rate": peak * factor,
-                    "samples_per_s": step_samples / elapsed,
-                }, step=step)
-                step += 1
-                bar.update()
-                bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{correct / step_samples:.3f}",
-                                samples_s=f"{step_samples / elapsed:.0f}")
+                factor = schedule.factor(state.step)
+                out = train_step(parts, batches, state.step, factor)
+                record = {"step": state.step, "epoch": epoch, "lr": out.lr, "train/drop_rate": peak * factor}
+                state.step += 1
+                if step_log.add(record, out.loss, out.correct, out.samples):
+                    show(bar, state, step_log.flush())
+            show(bar, state, step_log.flush())
             bar.close()
-            epoch_loss = loss_total / max(samples_total, 1)
-            last = epoch == trainer.epochs or step >= total_steps
+            epoch_means = state.end_epoch()
+            last = epoch == trainer.epochs or state.step >= total_steps
             if epoch % trainer.eval_every == 0 or last:
-                test = evaluate(net, data.test, device, autocast, trainer.eval_batches)
-                best_acc = max(best_acc, test["test/acc"])
-                tracker.log({"step": step, "epoch": epoch, **test, "best/test_acc": best_acc,
-                             "train/epoch_loss": epoch_loss, "train/epoch_acc": correct_total / max(samples_total, 1)},
-                            step=step)
-                print(f"epoch {epoch}: train/loss {epoch_loss:.4f}  test/loss {test['test/loss']:.4f}  "
-                      f"test/acc {test['test/acc']:.4f}  best {best_acc:.4f}")
+                test = evaluate(parts.net, data.test, runtime, trainer.eval_batches)
+                state.record_eval(test)
+                tracker.log({"step": state.step, "epoch": epoch, **test, "best/test_acc": state.best_acc,
+                             **epoch_means}, step=state.step)
+                tracker.print(f"epoch {epoch}: train/loss {state.epoch_loss:.4f}  test/loss {test['test/loss']:.4f}  "
+                              f"test/acc {test['test/acc']:.4f}  best {state.best_acc:.4f}")
             if last:
                 break
 
         summary = {
-            "train/loss": epoch_loss,
-            **test,
-            "best/test_acc": best_acc,
-            "epoch": epoch,
-            "step": step,
-            "wall_time_s": time.perf_counter() - run_start,
-            "train_time_s": train_time,
-            "samples_per_s": train_samples / max(train_time, 1e-9),
+            "train/loss": state.epoch_loss, **state.last_eval, "best/test_acc": state.best_acc,
+            "epoch": state.epoch, "step": state.step, "wall_time_s": time.perf_counter() - run_start,
+            "train_time_s": state.train_time, "samples_per_s": state.train_samples / max(state.train_time, 1e-9),
             "wandb_run_id": tracker.run_id,
         }
-    except BaseException:
-        tracker.finish(None, exit_code=1)
-        raise
-    tracker.finish(summary)
-    print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                for k, v in summary.items()))
-    print(f"run folder: {output_dir}")
+        tracker.print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in summary.items()))
+        tracker.print(f"run folder: {output_dir}")
+        tracker.finish(summary)
     return summary
 
 
+def run_length(cfg: DictConfig, num_train: int) -> tuple[int, int]:
+    """Optimizer steps per epoch and in the whole run (``trainer.max_steps`` caps it)."""
+    trainer = cfg.trainer
+    per_epoch = steps_per_epoch(num_train, cfg.data.batch_size, trainer.grad_accum)
+    if per_epoch < 1:
+        raise ConfigError(
+            "data.batch_size",
+            f"{num_train} training images give no optimizer step per epoch at batch "
+            f"{cfg.data.batch_size} x grad_accum {trainer.grad_accum}",
+        )
+    total_steps = per_epoch * trainer.epochs
+    if trainer.max_steps is not None:
+        total_steps = min(total_steps, trainer.max_steps)
+    return per_epoch, total_steps
+
+
+@dataclass
+class StepParts:
+    """What one optimizer step uses: the model (``net`` is it compiled, or itself), the
+    optimizer and its LR schedule, the fp16 grad scaler, and how to accumulate and clip."""
+
+    model: torch.nn.Module
+    net: Callable[[torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    runtime: Runtime
+    grad_accum: int = 1
+    grad_clip: float | None = None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step's mean loss and correct predictions (device tensors: reading
+    them waits for the device), its sample count and the learning rate it used."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    samples: int
+    lr: float
+
+
+def train_step(parts: StepParts, batches: Iterator, step: int, factor: float) -> StepOutput:
+    """One optimizer step (``step`` from 0) at drop-rate factor ``factor``: the methods'
+    step begins once, then ``grad_accum`` micro-batches from ``batches``, each loss divided
+    by their number, gradient clipping, the optimizer and LR-schedule steps. No host sync."""
+    begin_step(parts.model, step, factor)
+    device, lr = parts.runtime.device, parts.optimizer.param_groups[0]["lr"]
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    samples = 0
+    for _ in range(parts.grad_accum):
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with parts.runtime.autocast():
+            logits = parts.net(x)
+            loss = training_loss(logits.float(), y, parts.loss_fn)
+        parts.scaler.scale(loss / parts.grad_accum).backward()
+        loss_sum += loss.detach()
+        correct += (predictions(logits.detach()).argmax(-1) == y).sum()
+        samples += len(y)
+    if parts.grad_clip is not None:
+        parts.scaler.unscale_(parts.optimizer)
+        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.grad_clip)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.lr_schedule.step()
+    return StepOutput(loss_sum / parts.grad_accum, correct, samples, lr)
+
+
 @torch.no_grad()
-def evaluate(net, loader, device: torch.device, autocast, max_batches: int | None = None) -> dict[str, float]:
+def evaluate(net, loader, runtime: Runtime, max_batches: int | None = None) -> dict[str, float]:
     """Mean cross-entropy and accuracy on ``loader`` (its first ``max_batches`` batches if
     given), with the model in evaluation mode."""
     was_training = net.training
     net.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=runtime.device)
+    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
     count = 0
     for index, (x, y) in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            logits = net(x).float()
-        loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+        with runtime.autocast():
+            logits = predictions(net(x)).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(-1) == y).sum()
         count += len(y)
     net.train(was_training)
-    return {"test/loss": loss_sum.item() / count, "test/acc": correct.item() / count}
+    loss, right = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()  # one read
+    return {"test/loss": loss / count, "test/acc": right / count}
 
 
-def check_trainer(trainer: DictConfig) -> None:
-    check_keys(trainer, "trainer", TRAINER_KEYS)
-    for key in ("epochs", "grad_accum", "eval_every"):
-        check_number(trainer[key], f"trainer.{key}", integer=True, minimum=1)
-    for key in ("max_steps", "eval_batches", "threads"):
-        check_number(trainer[key], f"trainer.{key}", integer=True, minimum=1, optional=True)
-    check_number(trainer.grad_clip, "trainer.grad_clip", above=0, optional=True)
-    for key in ("compile", "deterministic", "progress"):
-        if not isinstance(trainer[key], bool):
-            raise ConfigError(f"trainer.{key}", f"must be true or false, got {trainer[key]!r}")
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and torch; with ``deterministic``, ask torch for determinism too."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError("trainer.device", f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", "cuda was asked for but no CUDA device is available; use auto or cpu")
-    return device
-
-
-def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = fp32): bf16 on CUDA and fp32 on CPU for ``auto``."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if name not in PRECISIONS:
-        raise ConfigError("trainer.precision", f"unknown precision {name!r}; valid: auto, fp32, bf16, fp16")
-    return PRECISIONS[name]
-
+def show(bar: tqdm, state: TrainState, values) -> None:
+    """Count a read of the step log into the train state and the progress bar."""
+    state.add(values)
+    if values.steps:
+        bar.update(len(values.steps))
+        samples = values.samples[-1]
+        bar.set_postfix(loss=f"{values.losses[-1]:.3f}", acc=f"{values.correct[-1] / samples:.3f}",
+                        samples_s=f"{sum(values.samples) / max(values.seconds, 1e-9):.0f}")

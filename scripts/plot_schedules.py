@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from regdrop.plots import plot_schedules
-from regdrop.schedules import DropSchedule
+from regdrop.schedules import DropSchedule, epochs_to_steps
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--peak", type=float, default=0.1)
     parser.add_argument("--steps-per-epoch", type=int, default=20)
     args = parser.parse_args()
-    steps = round(args.cutoff * args.steps_per_epoch)
+    steps = epochs_to_steps(args.cutoff, args.steps_per_epoch)
     schedules = [
         ("constant", DropSchedule("constant")),
         ("early, constant", DropSchedule("early", "constant", steps)),

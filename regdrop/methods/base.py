@@ -163,11 +163,14 @@ class DropModule(nn.Module):
         stored = torch.tensor(value, dtype=self.rate.dtype).item()
         self._rate_mirror = (self.rate, self.rate._version, stored)
 
-    def reset_peak(self, peak: float) -> None:
-        """Make ``peak`` the configured rate and the rate in force (a re-applied surgery)."""
-        check_rate(peak, "peak")
-        self.peak = float(peak)
-        self.set_rate_factor(1.0)
+    def rate_repr(self, name: str = "p") -> str:
+        """``p=<peak>, rate=<rate in force>`` for `extra_repr`: the peak alone would hide an
+        early-dropout cutoff (peak 0.1 while 0 runs)."""
+        try:
+            rate = f"{self.rate_value():.4g}"
+        except (NotImplementedError, RuntimeError):  # a meta tensor has no value
+            rate = "?"
+        return f"{name}={self.peak:.4g}, rate={rate}"
 
     def rate_value(self) -> float:
         """The rate in force as a Python float, read from the buffer only when it changed.
@@ -325,27 +328,51 @@ def fill_sites(
     build: Callable[[str, nn.Module], DropModule],
     *,
     layer_type: type[DropModule],
-    peak: float,
     report: SurgeryReport,
     function: str,
 ) -> SurgeryReport:
-    """Put ``build(kind, site)`` at every drop site of ``kinds``, once; return ``report``.
+    """Put ``build(kind, site)`` at every drop site of ``kinds``; return ``report``.
 
-    A ``layer_type`` layer that already fills a site of those kinds (a re-applied surgery)
-    is not wrapped again: it gets ``peak`` as its peak and rate in force and is reported as
-    replaced by itself. Raises `MethodNotApplicable` (naming ``function``) when there was
-    nothing to fill.
+    Refuses a model that already has ``layer_type`` layers (`refuse_reapply`), and raises
+    `MethodNotApplicable` (naming ``function``) when there is nothing to fill.
     """
-    for name, module in model.named_modules():
-        if isinstance(module, layer_type) and module.kind in kinds:
-            module.reset_peak(peak)
-            report.add(name, module, module)
+    refuse_reapply(model, layer_type, function)
     for name, site in find_sites(model, kinds):
         new = build(site_kind(site, name), site)
         report.add(name, replace_module(model, name, new), new)
     if not report:
         raise not_applicable(function, model, kinds)
     return report
+
+
+def method_defaults(model: nn.Module, method: str) -> dict:
+    """The hyper-parameters ``model`` recommends for ``method`` (its class attribute
+    ``regdrop_method_defaults[method]``; empty when it has none)."""
+    return dict(getattr(model, "regdrop_method_defaults", {}).get(method, {}))
+
+
+class MethodAlreadyApplied(ValueError):
+    """A method's surgery was asked for on a model that already has that method."""
+
+
+def refuse_reapply(model: nn.Module, layer_type: type[nn.Module], function: str) -> None:
+    """The one re-apply policy of every method: a model takes each method once.
+
+    Applying a method to a model that already holds its layers raises
+    `MethodAlreadyApplied` naming the first of them, whatever the hyper-parameters: a
+    second surgery could only guess whether to keep or replace the first one's state
+    (gyro's trained bank, stochastic depth's gates). Change the strength of an installed
+    method with `set_rate_factor` (or a drop-rate schedule); change its hyper-parameters by
+    building the model again.
+    """
+    installed = [name for name, m in model.named_modules() if isinstance(m, layer_type)]
+    if installed:
+        raise MethodAlreadyApplied(
+            f"{function}: the model already has {len(installed)} {layer_type.__name__} "
+            f"layer(s) (first: {installed[0] or '<root>'}); a method is applied once, to a "
+            "model built without it. Change its rate with set_rate_factor, or build the "
+            "model again to change its hyper-parameters."
+        )
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -389,6 +416,8 @@ class SurgeryReport:
 
     method: str
     changes: list[tuple[str, str, str]] = field(default_factory=list)  # (name, old, new)
+    options: dict[str, object] = field(default_factory=dict)  # the hyper-parameters used
+    notes: list[str] = field(default_factory=list)  # where a value came from, when not given
 
     def add(self, name: str, old: nn.Module | str, new: nn.Module | str) -> None:
         old_name = old if isinstance(old, str) else type(old).__name__
@@ -397,6 +426,16 @@ class SurgeryReport:
 
     def extend(self, other: SurgeryReport) -> None:
         self.changes.extend(other.changes)
+
+    def describe_method(self) -> str:
+        """``gyro (p=0.5, sigma=1024, tau=8, ...)``: the method and every hyper-parameter used."""
+        options = ", ".join(f"{key}={value}" for key, value in self.options.items())
+        notes = "".join(f"; {note}" for note in self.notes)
+        return f"{self.method} ({options}){notes}" if options or notes else self.method
+
+    def lines(self) -> list[str]:
+        """The method line, then one line per change: ``name: Old -> New``."""
+        return [self.describe_method(), *(f"  {n or '<root>'}: {o} -> {w}" for n, o, w in self.changes)]
 
     def counts(self) -> dict[str, int]:
         """How many modules were changed, per ``"Old -> New"`` kind."""

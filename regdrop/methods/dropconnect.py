@@ -56,6 +56,7 @@ from regdrop.methods.base import (
     check_rate,
     derive_seed,
     keep_mask,
+    refuse_reapply,
     replace_module,
 )
 
@@ -72,8 +73,23 @@ ACTIVATIONS = (
 CHUNK_ELEMENTS = 1 << 22
 
 
-def check_options(per: str, groups: int, inference: str, samples: int, seed: int) -> None:
-    """Raise `ValueError`, starting with the parameter's name, for a bad option."""
+def check_options(
+    *,
+    p: float = 0.5,
+    layers: Iterable[str] | None = None,
+    per: str = "batch",
+    groups: int = 4,
+    inference: str = "mean",
+    samples: int = 1000,
+    seed: int = 0,
+) -> None:
+    """Raise `ValueError` (starting with the option's name) for a bad `apply_dropconnect`
+    option; needs no model (whether ``layers`` name Linear layers is checked on the model)."""
+    check_rate(p, "p")
+    if layers is not None and not (
+        isinstance(layers, str) or all(isinstance(name, str) for name in layers)
+    ):
+        raise ValueError(f"layers must be dotted layer names or null, got {layers!r}")
     check_choice(per, "per", PER)
     check_int(groups, "groups", positive=True)
     check_choice(inference, "inference", INFERENCE)
@@ -119,7 +135,7 @@ class DropConnectLinear(DropModule):
         activation: nn.Module | None = None,
     ) -> None:
         super().__init__(p)
-        check_options(per, groups, inference, samples, seed)
+        check_options(p=p, per=per, groups=groups, inference=inference, samples=samples, seed=seed)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         if activation is not None and not isinstance(activation, ACTIVATIONS):
@@ -204,7 +220,7 @@ class DropConnectLinear(DropModule):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, p={self.peak}, per={self.per!r}, "
+            f"bias={self.bias is not None}, {self.rate_repr()}, per={self.per!r}, "
             f"groups={self.groups}, inference={self.inference!r}, samples={self.samples}, "
             f"seed={self.seed}"
         )
@@ -296,23 +312,15 @@ def apply_dropconnect(
     With ``inference="gaussian"`` the activation right after each layer in its
     ``nn.Sequential`` moves into the layer (module doc); layer ``k`` gets the seed
     ``derive_seed(seed, k)``.
-    Applying again does not wrap twice: a layer that already is a `DropConnectLinear` is
-    left as it is if its hyper-parameters match, and is an error if they differ.
+    A model that already has DropConnect is refused (`refuse_reapply`).
     """
-    check_rate(p, "p")
-    check_options(per, groups, inference, samples, seed)
+    check_options(p=p, layers=layers, per=per, groups=groups, inference=inference,
+                  samples=samples, seed=seed)
+    refuse_reapply(model, DropConnectLinear, "apply_dropconnect")
     names = _chosen_layers(model, layers)
-    wanted = {"p": float(p), "per": per, "groups": groups, "inference": inference, "samples": samples}
     report = SurgeryReport("dropconnect")
     for index, name in enumerate(names):
         linear = model.get_submodule(name)
-        if isinstance(linear, DropConnectLinear):
-            if linear.hyper_parameters() != wanted:
-                raise ValueError(
-                    f"layers: {name!r} already is a DropConnectLinear with "
-                    f"{linear.hyper_parameters()}, not {wanted}; build the model again to change them"
-                )
-            continue
         activation = None
         following = _following_activation(model, name) if inference == "gaussian" else None
         if following is not None:

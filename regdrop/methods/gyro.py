@@ -72,8 +72,10 @@ from regdrop.methods.base import (
     feature_axis,
     find_sites,
     is_int,
+    method_defaults,
     normalise_sites,
     not_applicable,
+    refuse_reapply,
     replace_module,
 )
 
@@ -139,6 +141,43 @@ def _check_hyper_parameters(p: float, sigma: int, tau: int, scaling: str) -> Non
     if not is_int(tau) or not 1 <= tau <= sigma:
         raise ValueError(f"tau must be a positive integer <= sigma ({sigma}), got {tau!r}")
     check_choice(scaling, "scaling", SCALINGS)
+
+
+# The authors' recommendation for LeNet/AlexNet-like nets; a model may declare its own in
+# ``regdrop_method_defaults["gyro"]`` (the ResNets: (1024, 8), the paper's for ResNet-18).
+DEFAULT_SIGMA, DEFAULT_TAU = 256, 16
+
+
+def check_options(
+    *,
+    p: float = 0.5,
+    sigma: int | None = None,
+    tau: int | None = None,
+    sites: Sequence[str] = ("fc",),
+    with_replacement: bool = False,
+    scaling: str = "expected",
+    seed: int = 0,
+    total_steps: int | None = None,
+) -> tuple[str, ...]:
+    """Raise `ValueError` (starting with the option's name) for a bad `apply_gyro_dropout`
+    option; needs no model (``sigma``/``tau`` None: the model's recommendation, checked
+    once known). Returns the site kinds."""
+    check_rate(p, "p")
+    if sigma is not None:
+        check_int(sigma, "sigma", positive=True)
+    if tau is not None:
+        limit = f" <= sigma ({sigma})" if sigma is not None else ""
+        if not is_int(tau) or tau < 1 or (sigma is not None and tau > sigma):
+            raise ValueError(f"tau must be a positive integer{limit}, got {tau!r}")
+    if not isinstance(with_replacement, bool):
+        raise ValueError(f"with_replacement must be true or false, got {with_replacement!r}")
+    check_choice(scaling, "scaling", SCALINGS)
+    check_int(seed, "seed")
+    _check_total_steps(total_steps)
+    return normalise_sites(
+        sites, valid=GYRO_KINDS,
+        why="gyro masks a layer's features, and attention probabilities are not features",
+    )
 
 
 def _check_total_steps(total_steps: int | None) -> None:
@@ -373,7 +412,7 @@ class GyroDropout(DropModule):
 
     def extra_repr(self) -> str:
         return (
-            f"p={self.peak}, sigma={self.sigma}, tau={self.tau}, mask_axis={self.mask_axis}, "
+            f"{self.rate_repr()}, sigma={self.sigma}, tau={self.tau}, mask_axis={self.mask_axis}, "
             f"with_replacement={self.with_replacement}, scaling={self.scaling!r}, "
             f"seed={self.seed}, width={self.width}, period={self.period}"
         )
@@ -383,8 +422,8 @@ def apply_gyro_dropout(
     model: nn.Module,
     *,
     p: float = 0.5,
-    sigma: int = 256,
-    tau: int = 16,
+    sigma: int | None = None,
+    tau: int | None = None,
     sites: Sequence[str] = ("fc",),
     with_replacement: bool = False,
     scaling: str = "expected",
@@ -395,21 +434,25 @@ def apply_gyro_dropout(
 
     ``fc`` and ``token`` sites get masks over the last axis, ``conv`` sites over channels.
     Site ``i`` (in module order) is seeded with ``derive_seed(seed, i)``, so layers draw
-    different banks while every data-parallel rank draws the same ones. `GyroDropout`
-    layers already in the model are left as they are (applying twice changes nothing).
-    Defaults are the paper's for LeNet/AlexNet; it suggests ``sigma=1024, tau=8`` for
-    ResNet-18 and BERT.
+    different banks while every data-parallel rank draws the same ones. A model that
+    already has gyro dropout is refused (`refuse_reapply`).
+    ``sigma``/``tau`` None take the model's recommendation (``regdrop_method_defaults``:
+    the paper's (1024, 8) for the ResNets), else the paper's (256, 16) for LeNet/AlexNet.
     """
-    _check_hyper_parameters(p, sigma, tau, scaling)
-    _check_total_steps(total_steps)
-    kinds = normalise_sites(
-        sites, valid=GYRO_KINDS,
-        why="gyro masks a layer's features, and attention probabilities are not features",
-    )
+    kinds = check_options(p=p, sigma=sigma, tau=tau, sites=sites, with_replacement=with_replacement,
+                          scaling=scaling, seed=seed, total_steps=total_steps)
+    recommended = method_defaults(model, "gyro")
     report = SurgeryReport("gyro")
+    if sigma is None or tau is None:
+        source = f"{type(model).__name__}'s recommendation" if recommended else "the LeNet/AlexNet default"
+        report.notes.append(f"sigma, tau unset: {source}")
+    sigma = recommended.get("sigma", DEFAULT_SIGMA) if sigma is None else sigma
+    tau = recommended.get("tau", DEFAULT_TAU) if tau is None else tau
+    _check_hyper_parameters(p, sigma, tau, scaling)
+    refuse_reapply(model, GyroDropout, "apply_gyro_dropout")
+    report.options.update(sigma=sigma, tau=tau)
     found = find_sites(model, kinds)
-    already = any(isinstance(m, GyroDropout) for m in model.modules())
-    if not found and not already:
+    if not found:
         raise not_applicable("apply_gyro_dropout", model, kinds)
     for index, (name, site) in enumerate(found):
         layer = GyroDropout(

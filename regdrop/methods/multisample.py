@@ -30,6 +30,8 @@ from regdrop.methods.base import (
     check_int,
     check_rate,
     find_sites,
+    normalise_sites,
+    refuse_reapply,
     replace_module,
     site_kind,
 )
@@ -90,7 +92,7 @@ class MultiSampleHead(DropModule):
 
     def extra_repr(self) -> str:
         rates = ", ".join(f"{r:.4g}" for r in self.rates)
-        return f"samples={self.samples}, p={self.p:.4g}, rates=[{rates}]"
+        return f"samples={self.samples}, {self.rate_repr()}, rates=[{rates}]"
 
 
 def multisample_loss(
@@ -122,6 +124,29 @@ def collapse_copies(logits: torch.Tensor) -> torch.Tensor:
     return logits.mean(0) if logits.ndim == 3 else logits
 
 
+def check_options(
+    *,
+    p: float = 0.5,
+    samples: int = 8,
+    rates: Sequence[float] | None = None,
+    sites: Sequence[str] = ("fc", "token", "attn"),
+    head: str | None = None,
+) -> None:
+    """Raise `ValueError` (starting with the option's name) for a bad
+    `apply_multisample_dropout` option; needs no model."""
+    check_rate(p, "p")
+    check_int(samples, "samples", positive=True)
+    if rates is not None:
+        rates = list(rates)
+        if len(rates) != samples:
+            raise ValueError(f"rates must hold one rate per copy (samples={samples}), got {len(rates)}")
+        for rate in rates:
+            check_rate(rate, "rates")
+    normalise_sites(sites)
+    if head is not None and not isinstance(head, str):
+        raise ValueError(f"head must be the dotted name of the classifier or null, got {head!r}")
+
+
 def apply_multisample_dropout(
     model: nn.Module,
     *,
@@ -143,15 +168,12 @@ def apply_multisample_dropout(
 
     The head's parameters keep their objects but their ``state_dict`` keys gain ``.head``
     (``fc.weight`` -> ``fc.head.weight``). Raises `MethodNotApplicable` when the model has
-    no ``nn.Linear``, and ``ValueError`` when a `MultiSampleHead` is already installed.
+    no ``nn.Linear``; a model that already has multi-sample dropout is refused
+    (`refuse_reapply`).
     """
-    check_rate(p, "p")
-    check_int(samples, "samples", positive=True)
-    others = find_sites(model, sites)  # validates ``sites`` before anything changes
-    installed = [n for n, m in model.named_modules() if isinstance(m, MultiSampleHead)]
-    if installed:
-        raise ValueError(f"model already has a MultiSampleHead at {installed[0]!r}; apply "
-                         "multi-sample dropout once, to a model built without it")
+    check_options(p=p, samples=samples, rates=rates, sites=sites, head=head)
+    refuse_reapply(model, MultiSampleHead, "apply_multisample_dropout")
+    others = find_sites(model, sites)
 
     modules = list(model.named_modules())
     if head is None:

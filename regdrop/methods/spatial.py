@@ -82,7 +82,16 @@ class SpatialDropout(DropModule):
         return spatial_dropout(x, self.rate, True, self.channel_axis)
 
     def extra_repr(self) -> str:
-        return f"p={self.peak}, channel_axis={self.channel_axis}, kind={self.kind!r}"
+        return f"{self.rate_repr()}, channel_axis={self.channel_axis}, kind={self.kind!r}"
+
+
+def check_options(*, p: float = 0.1, sites: Iterable[str] = ("conv", "token")) -> tuple[str, ...]:
+    """Raise `ValueError` (starting with the option's name) for a bad `apply_spatial_dropout`
+    option; needs no model. Returns the site kinds."""
+    check_rate(p, "p")
+    return normalise_sites(
+        sites, valid=SPATIAL_KINDS, why="spatial dropout drops channels; fc and attn sites have none"
+    )
 
 
 def apply_spatial_dropout(
@@ -94,13 +103,9 @@ def apply_spatial_dropout(
     ``nn.Dropout2d`` or ``nn.Dropout1d`` left in a foreign model is replaced with channel
     axis 1, torch's layout for them (``N x C x L``), so the replacement drops what the
     original dropped. ``fc`` and ``attn`` sites have no channels: asking for them is a
-    `ValueError`. Applying again does not wrap twice: a `SpatialDropout` already at a site
-    of those kinds gets ``p`` as its peak and rate in force.
+    `ValueError`. A model that already has spatial dropout is refused (`refuse_reapply`).
     """
-    check_rate(p, "p")
-    kinds = normalise_sites(
-        sites, valid=SPATIAL_KINDS, why="spatial dropout drops channels; fc and attn sites have none"
-    )
+    kinds = check_options(p=p, sites=sites)
 
     def build(kind: str, site: nn.Module) -> SpatialDropout:
         return SpatialDropout(p, channel_axis=feature_axis(site), kind=kind)
@@ -110,7 +115,6 @@ def apply_spatial_dropout(
         kinds,
         build,
         layer_type=SpatialDropout,
-        peak=p,
         report=SurgeryReport("spatial"),
         function="apply_spatial_dropout",
     )

@@ -15,21 +15,32 @@ Two variants, chosen with ``mode``:
 (the network is untouched at test time); ``scaling="test_time"`` is the paper's form: the
 branch is unscaled in training and multiplied by its survival probability at evaluation.
 
-The depth profile ``distribution="linear"`` gives block ``l`` of ``L`` (1-indexed, in
-module registration order) the rate ``(l / L) * drop_rate``: Huang et al.'s linear decay
-rule, identical to Composer's ``p * (i + 1) / N``. Other libraries shift it by one block:
-torchvision uses ``p * i / N`` (first block never dropped, last below ``p``) and timm
-``linspace(0, p, N)`` (first block 0, last exactly ``p``). ``"uniform"`` gives every block
-``drop_rate``. Each gate is a `DropModule` whose peak is its own depth-scaled rate, so a
-drop-rate schedule (`set_rate_factor`) scales the whole profile and keeps its shape.
+The depth profile (``distribution``) gives block ``i`` of ``N`` (0-indexed, in module
+registration order) its rate:
 
-Supported residual blocks: torchvision ``BasicBlock`` (ResNet-18/34) and ``Bottleneck``
-(ResNet-50+), timm ``vision_transformer.Block`` (attention and MLP branches, independent
-gates at the block's rate) and timm ``mlp_mixer.MixerBlock`` (token- and channel-mixing
-branches, likewise). Each block is replaced by a wrapper that re-implements its forward
-around the *same* sub-modules under the same attribute names, so parameter objects and
-``state_dict`` keys are unchanged (the wrapper adds only its gates). A block's own timm
-``DropPath`` modules are not carried over: the gates take their place.
+* ``"linear"``: ``p * (i + 1) / N``, Huang et al.'s rule (block ``l = i + 1`` of ``L`` gets
+  ``(l / L) * p``), identical to Composer's; the first block is already dropped.
+* ``"linspace"``: ``torch.linspace(0, p, N)[i]``, i.e. ``p * i / (N - 1)``: timm's
+  stochastic depth decay rule and the early-dropout paper's official code (Liu et al. 2023,
+  ViT, Swin, ConvNeXt: ``linspace(0, drop_path_rate, sum(depths))``), computed with
+  ``torch.linspace`` in float32 exactly as they do. The first block is never dropped, the
+  last gets exactly ``p``.
+* ``"uniform"``: ``p`` for every block.
+
+(torchvision's ``p * i / N`` is a third linear rule, not offered.) Each gate is a
+`DropModule` whose peak is its own depth-scaled rate, so a drop-rate schedule
+(`set_rate_factor`) scales the whole profile and keeps its shape.
+
+Supported residual blocks: torchvision ``BasicBlock`` (ResNet-18/34, CIFAR ResNets) and
+``Bottleneck`` (ResNet-50+), timm ``vision_transformer.Block`` (attention and MLP branches,
+independent gates at the block's rate), timm ``mlp_mixer.MixerBlock`` (token- and
+channel-mixing branches, likewise), timm ``swin_transformer.SwinTransformerBlock`` (window
+attention and MLP branches, likewise, as timm's ``drop_path1``/``drop_path2``) and timm
+``convnext.ConvNeXtBlock`` (one branch, layer scale ``gamma`` included). Each block is
+replaced by a wrapper that re-implements its forward around the *same* sub-modules under
+the same attribute names, so parameter objects and ``state_dict`` keys are unchanged (the
+wrapper adds only its gates). A block's own timm ``DropPath`` modules are not carried over:
+the gates take their place.
 
 Peer shortcomings fixed here (Composer 0.32): BasicBlock (ResNet-18) is supported, not
 only Bottleneck; gate draws live in the ``state_dict`` (exact resume); every rank draws the
@@ -47,7 +58,9 @@ import itertools
 from typing import Any, Literal
 
 import torch
+from timm.models.convnext import ConvNeXtBlock
 from timm.models.mlp_mixer import MixerBlock
+from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block as ViTBlock
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -61,15 +74,16 @@ from regdrop.methods.base import (
     check_rate,
     derive_seed,
     keep_mask,
+    refuse_reapply,
     replace_module,
 )
 
 Mode = Literal["block", "sample"]
 Scaling = Literal["inverted", "test_time"]
-Distribution = Literal["linear", "uniform"]
+Distribution = Literal["linear", "linspace", "uniform"]
 MODES = ("block", "sample")
 SCALINGS = ("inverted", "test_time")
-DISTRIBUTIONS = ("linear", "uniform")
+DISTRIBUTIONS = ("linear", "linspace", "uniform")
 
 
 def drop_path_per_sample(x: torch.Tensor, rate: torch.Tensor | float, *,
@@ -87,10 +101,17 @@ def drop_path_per_sample(x: torch.Tensor, rate: torch.Tensor | float, *,
 
 def depth_rates(drop_rate: float, num_blocks: int, distribution: Distribution = "linear"
                 ) -> list[float]:
-    """Per-block drop rates: ``(l / L) * drop_rate`` for block ``l`` of ``L`` ("linear",
-    Huang et al.'s rule, Composer's ``p * (i + 1) / N``) or ``drop_rate`` ("uniform")."""
+    """Per-block drop rates of ``num_blocks`` blocks, deepest ``drop_rate`` (module docstring).
+
+    "linear": ``drop_rate * (i + 1) / N`` (Huang et al., Composer); "linspace":
+    ``torch.linspace(0, drop_rate, N)`` as timm and the early-dropout code compute it
+    (float32 values, so the rates are bit-identical to theirs); "uniform": ``drop_rate``.
+    """
+    check_choice(distribution, "distribution", DISTRIBUTIONS)
     if distribution == "linear":
         return [drop_rate * block / num_blocks for block in range(1, num_blocks + 1)]
+    if distribution == "linspace":
+        return torch.linspace(0, drop_rate, num_blocks, device="cpu").tolist()
     return [drop_rate] * num_blocks
 
 
@@ -148,7 +169,7 @@ class BranchGate(DropModule):
         self.generator.set_state(state["generator"].cpu())
 
     def extra_repr(self) -> str:
-        return (f"peak={self.peak:.4g}, mode={self.mode!r}, scaling={self.scaling!r}, "
+        return (f"{self.rate_repr('peak')}, mode={self.mode!r}, scaling={self.scaling!r}, "
                 f"seed={self.seed}")
 
 
@@ -260,12 +281,89 @@ class StochasticDepthMixerBlock(StochasticDepthBlock):
         return x
 
 
+class StochasticDepthSwinBlock(StochasticDepthBlock):
+    """timm ``SwinTransformerBlock`` with independent gates on its (shifted) window
+    attention and MLP branches, as timm's ``drop_path1`` and ``drop_path2``.
+
+    The window partition, cyclic shift, padding and attention mask are timm's own code
+    (``_attn`` and the window helpers are borrowed from timm's class), run on the block's
+    own window settings and mask buffer, which are carried over; so is
+    ``set_input_size``, which a timm Swin stage calls on its blocks when the input size
+    changes.
+    """
+
+    # Plain attributes timm's window code reads; the mask buffer is carried separately.
+    WINDOW_ATTRIBUTES = ("dim", "input_resolution", "target_shift_size", "always_partition",
+                         "dynamic_mask", "window_size", "shift_size", "window_area",
+                         "mlp_ratio")
+    _attn = SwinTransformerBlock._attn
+    get_attn_mask = SwinTransformerBlock.get_attn_mask
+    _calc_window_shift = SwinTransformerBlock._calc_window_shift
+    set_input_size = SwinTransformerBlock.set_input_size
+    _init_buffers = SwinTransformerBlock._init_buffers
+    init_non_persistent_buffers = SwinTransformerBlock.init_non_persistent_buffers
+
+    def __init__(self, block: nn.Module, gate_attn: BranchGate, gate_mlp: BranchGate) -> None:
+        super().__init__()
+        for name in ("norm1", "attn", "norm2", "mlp"):
+            self.add_module(name, getattr(block, name))
+        for name in self.WINDOW_ATTRIBUTES:
+            setattr(self, name, getattr(block, name))
+        # Not persistent, as in timm: rebuilt from the window settings, never saved.
+        self.register_buffer("attn_mask", block.attn_mask, persistent=False)
+        self.gate_attn = gate_attn
+        self.gate_mlp = gate_mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        if self.gate_attn.keep():
+            x = x + self.gate_attn(self._attn(self.norm1(x)))
+        x = x.reshape(batch, -1, channels)
+        if self.gate_mlp.keep():
+            x = x + self.gate_mlp(self.mlp(self.norm2(x)))
+        return x.reshape(batch, height, width, channels)
+
+
+class StochasticDepthConvNeXtBlock(StochasticDepthBlock):
+    """timm ``ConvNeXtBlock`` with a gate on its one residual branch.
+
+    The branch is depthwise conv, norm, MLP and the layer scale ``gamma`` (the same
+    parameter, or None); the shortcut (identity, or timm's ``Downsample``) always runs.
+    """
+
+    def __init__(self, block: nn.Module, gate: BranchGate) -> None:
+        super().__init__()
+        for name in ("conv_dw", "norm", "mlp", "shortcut"):
+            self.add_module(name, getattr(block, name))
+        self.register_parameter("gamma", block.gamma)
+        self.use_conv_mlp = block.use_conv_mlp
+        self.gate = gate
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_dw(x)
+        if self.use_conv_mlp:
+            x = self.mlp(self.norm(x))
+        else:  # channels-last MLP, as timm runs it
+            x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        if self.gamma is not None:
+            x = x.mul(self.gamma.reshape(1, -1, 1, 1))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.shortcut(x)
+        if self.gate.keep():
+            return self.gate(self.branch(x)) + shortcut
+        return shortcut
+
+
 # Exact types, not isinstance: a subclass may have a different forward.
 _WRAPPERS: dict[type[nn.Module], tuple[type[StochasticDepthBlock], int]] = {
     BasicBlock: (StochasticDepthBasicBlock, 1),
     Bottleneck: (StochasticDepthBottleneck, 1),
     ViTBlock: (StochasticDepthViTBlock, 2),
     MixerBlock: (StochasticDepthMixerBlock, 2),
+    SwinTransformerBlock: (StochasticDepthSwinBlock, 2),
+    ConvNeXtBlock: (StochasticDepthConvNeXtBlock, 1),
 }
 
 SUPPORTED_BLOCKS = (
@@ -273,7 +371,26 @@ SUPPORTED_BLOCKS = (
     "torchvision.models.resnet.Bottleneck",
     "timm.models.vision_transformer.Block",
     "timm.models.mlp_mixer.MixerBlock",
+    "timm.models.swin_transformer.SwinTransformerBlock",
+    "timm.models.convnext.ConvNeXtBlock",
 )
+
+
+def check_options(
+    *,
+    drop_rate: float = 0.1,
+    mode: Mode = "block",
+    distribution: Distribution = "linear",
+    scaling: Scaling = "inverted",
+    seed: int = 0,
+) -> None:
+    """Raise `ValueError` (starting with the option's name) for a bad
+    `apply_stochastic_depth` option; needs no model."""
+    check_rate(drop_rate, "drop_rate")
+    check_choice(mode, "mode", MODES)
+    check_choice(distribution, "distribution", DISTRIBUTIONS)
+    check_choice(scaling, "scaling", SCALINGS)
+    check_int(seed, "seed")
 
 
 def apply_stochastic_depth(
@@ -288,26 +405,18 @@ def apply_stochastic_depth(
     """Wrap every supported residual block of ``model`` with stochastic-depth gates, in place.
 
     ``drop_rate`` is the rate of the deepest block (``distribution="linear"``, block ``l``
-    of ``L`` gets ``(l / L) * drop_rate``) or of every block (``"uniform"``). Huang et al.
-    use block mode with ``drop_rate=0.5`` on CIFAR ResNets; Composer's card suggests 0.1,
-    linear, for ResNet-50/101 on ImageNet. ``seed`` seeds the block-mode gate generators.
+    of ``L`` gets ``(l / L) * drop_rate``; ``"linspace"``, timm's and the early-dropout
+    code's ``linspace(0, drop_rate, L)``) or of every block (``"uniform"``). Huang et al.
+    use block mode with ``drop_rate=0.5``, linear, on CIFAR ResNets; Composer's card
+    suggests 0.1, linear, for ResNet-50/101 on ImageNet; Liu et al. use sample mode,
+    linspace (0.5 for early s.d.). ``seed`` seeds the block-mode gate generators.
 
-    Raises `MethodNotApplicable` if the model has no supported residual block, and
-    ``ValueError`` if stochastic depth is already installed (apply it to a fresh model;
-    change its strength with `set_rate_factor`).
+    Raises `MethodNotApplicable` if the model has no supported residual block; a model
+    that already has stochastic depth is refused (`refuse_reapply`).
     """
-    check_rate(drop_rate, "drop_rate")
-    check_choice(mode, "mode", MODES)
-    check_choice(distribution, "distribution", DISTRIBUTIONS)
-    check_choice(scaling, "scaling", SCALINGS)
-    check_int(seed, "seed")
-
-    installed = [n for n, m in model.named_modules() if isinstance(m, StochasticDepthBlock)]
-    if installed:
-        raise ValueError(
-            f"model already has stochastic depth on {len(installed)} block(s) "
-            f"(first: {installed[0] or '<root>'}); apply it once, to a model built without "
-            "it, and change its strength with set_rate_factor")
+    check_options(drop_rate=drop_rate, mode=mode, distribution=distribution, scaling=scaling,
+                  seed=seed)
+    refuse_reapply(model, StochasticDepthBlock, "apply_stochastic_depth")
 
     if type(model) in _WRAPPERS:
         raise ValueError("model: is itself a residual block; apply stochastic depth to a "
@@ -318,7 +427,7 @@ def apply_stochastic_depth(
             f"stochastic depth needs residual blocks, and {type(model).__name__} has none "
             f"of the supported types ({', '.join(SUPPORTED_BLOCKS)}). It skips residual "
             "branches, so it cannot apply to a plain feed-forward network such as LeNet or "
-            "AlexNet; use a ResNet, a timm VisionTransformer or a timm MlpMixer.")
+            "AlexNet; use a ResNet or a timm ViT, MLP-Mixer, Swin or ConvNeXt.")
 
     report = SurgeryReport("stochastic_depth")
     rates = depth_rates(drop_rate, len(blocks), distribution)

@@ -273,15 +273,6 @@ def test_gaussian_moves_the_following_activation_into_the_layer() -> None:
     assert torch.allclose(model(x), plain.eval()(x))
 
 
-def test_applying_again_does_not_wrap_twice() -> None:
-    model = Net()
-    apply_dropconnect(model, p=0.5)
-    report = apply_dropconnect(model, p=0.5)
-    assert len(report) == 0 and installed(model) == ["classifier.0", "classifier.2"]
-    with pytest.raises(ValueError, match=r"^layers: 'classifier.0' already is a DropConnectLinear"):
-        apply_dropconnect(model, p=0.3)
-
-
 def test_errors_name_the_parameter() -> None:
     with pytest.raises(MethodNotApplicable, match="no nn.Linear"):
         apply_dropconnect(nn.Sequential(nn.Conv2d(1, 1, 1)))
@@ -304,5 +295,5 @@ def test_errors_name_the_parameter() -> None:
 
 def test_repr_shows_the_hyper_parameters() -> None:
     text = repr(DropConnectLinear(nn.Linear(3, 2), 0.25, per="subbatch", groups=2))
-    assert "in_features=3, out_features=2, bias=True, p=0.25, per='subbatch', groups=2" in text
+    assert "in_features=3, out_features=2, bias=True, p=0.25, rate=0.25, per='subbatch', groups=2" in text
     assert "inference='mean', samples=1000, seed=0" in text

@@ -195,13 +195,6 @@ def test_model_without_linear_is_not_applicable():
         apply_multisample_dropout(model)
 
 
-def test_applying_twice_is_refused():
-    model = nn.Sequential(nn.Linear(8, 16), DropSite("fc"), nn.Linear(16, 3))
-    apply_multisample_dropout(model)
-    with pytest.raises(ValueError, match="already has a MultiSampleHead"):
-        apply_multisample_dropout(model)
-
-
 @pytest.mark.parametrize("kwargs,name", [
     ({"p": 1.0}, "p"), ({"samples": 0}, "samples"), ({"rates": [0.1, 0.2]}, "rates"),
     ({"rates": [0.1, 1.5], "samples": 2}, "rates"), ({"sites": ("pixel",)}, "sites"),

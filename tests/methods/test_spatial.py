@@ -105,14 +105,6 @@ def test_apply_sets_the_channel_axis_per_site() -> None:
     model.train()(torch.randn(2, 3, 6, 6))
 
 
-def test_applying_again_updates_the_peak() -> None:
-    model = site_model()
-    apply_spatial_dropout(model, p=0.2, sites=["conv"])
-    report = apply_spatial_dropout(model, p=0.05, sites=["conv"])
-    assert report.counts() == {"SpatialDropout -> SpatialDropout": 2}
-    assert model[1].peak == 0.05 and model[1].rate.item() == pytest.approx(0.05)
-
-
 def test_errors() -> None:
     with pytest.raises(ValueError, match=r"^sites: \['fc'\] not valid"):
         apply_spatial_dropout(site_model(), sites=["conv", "fc"])
@@ -124,7 +116,7 @@ def test_errors() -> None:
 
 def test_repr_shows_the_hyper_parameters() -> None:
     assert repr(SpatialDropout(0.1, channel_axis=-1, kind="token")) == (
-        "SpatialDropout(p=0.1, channel_axis=-1, kind='token')"
+        "SpatialDropout(p=0.1, rate=0.1, channel_axis=-1, kind='token')"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -155,17 +156,6 @@ def test_apply_fills_the_chosen_sites_and_reports_them() -> None:
     model.train()(torch.randn(5, 1, 2, 2))
 
 
-def test_applying_again_updates_the_peak_instead_of_wrapping() -> None:
-    model = site_model()
-    apply_standard_dropout(model, p=0.3)
-    model[3].set_rate_factor(0.5)
-    report = apply_standard_dropout(model, p=0.1, sites=["fc"])
-    assert report.counts() == {"StandardDropout -> StandardDropout": 2}
-    assert model[3].peak == 0.1 and model[3].rate_value() == pytest.approx(0.1)
-    assert model[4][0].peak == 0.3  # token site not asked for
-    assert sum(isinstance(m, StandardDropout) for m in model.modules()) == 4
-
-
 def test_apply_works_on_a_foreign_timm_model() -> None:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -188,4 +178,98 @@ def test_errors_name_the_parameter() -> None:
 
 
 def test_repr_shows_the_hyper_parameters() -> None:
-    assert repr(StandardDropout(0.25, kind="token")) == "StandardDropout(p=0.25, kind='token')"
+    assert repr(StandardDropout(0.25, kind="token")) == (
+        "StandardDropout(p=0.25, rate=0.25, kind='token', scaling='inverted')")
+    assert "scaling='test_time'" in repr(StandardDropout(0.25, scaling="test_time"))
+
+
+# -- scaling="test_time": the paper's original form ----------------------------------------
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.5, 0.8])
+def test_both_scalings_agree_in_expectation(rate: float) -> None:
+    """E[training output] equals the evaluation output in both forms: x for inverted,
+    x * (1 - p) for test_time; so the two networks differ only by a constant factor."""
+    torch.manual_seed(5)
+    n = 200_000
+    x = torch.rand(n) + 0.5  # not all ones: survivors must keep their own values
+    tolerance = 5 * (x.std().item() + x.mean().item()) * math.sqrt(rate / (1 - rate) / n)
+    for scaling, eval_factor in (("inverted", 1.0), ("test_time", 1 - rate)):
+        layer = StandardDropout(rate, scaling=scaling)
+        train_out = layer.train()(x)
+        eval_out = layer.eval()(x)
+        assert torch.allclose(eval_out, x * eval_factor)
+        assert abs(train_out.mean().item() - eval_out.mean().item()) < tolerance * eval_factor
+        assert abs(kept_fraction(train_out) - (1 - rate)) < five_sigma(rate, n)
+    survivors = StandardDropout(rate, scaling="test_time").train()(x)
+    kept = survivors != 0
+    assert torch.equal(survivors[kept], x[kept])  # no scaling in training
+
+
+def test_test_time_eval_scales_by_the_rate_in_force() -> None:
+    layer = StandardDropout(0.6, scaling="test_time").eval()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert torch.allclose(layer(x), x * 0.4)
+    layer.set_rate_factor(0.5)  # a schedule halves the rate: eval follows it
+    assert torch.allclose(layer(x), x * (1 - 0.3))
+    assert layer(x).dtype == torch.float64
+    layer.set_rate_factor(0.0)  # early dropout switched off: evaluation is unscaled
+    assert layer(x) is x
+    assert layer.train()(x) is x
+
+
+def test_test_time_functional_form_and_gradient() -> None:
+    torch.manual_seed(6)
+    x = torch.randn(64, 32, requires_grad=True)
+    out = dropout(x, torch.tensor(0.4), inverted=False)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, (out != 0).float())  # the mask itself, unscaled
+    assert torch.allclose(dropout(x, 0.4, training=False, inverted=False), x * 0.6)
+
+
+def test_test_time_compiled_layer_is_not_recompiled_when_the_rate_changes() -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(7)
+    n = 50_000
+    layer = StandardDropout(0.5, scaling="test_time")
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x = torch.ones(n)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        layer.train()
+        assert abs(compiled(x).mean().item() - 0.5) < five_sigma(0.5, n)
+        layer.set_rate_factor(0.2)
+        assert abs(compiled(x).mean().item() - 0.9) < five_sigma(0.1, n)
+    layer.eval()
+    assert torch.allclose(compiled(x), x * 0.9)
+
+
+def test_apply_sets_the_scaling_and_the_paper_form_is_the_same_net_scaled() -> None:
+    torch.manual_seed(8)
+    paper = site_model()
+    inverted = copy.deepcopy(paper)
+    apply_standard_dropout(paper, p=0.3, scaling="test_time")
+    apply_standard_dropout(inverted, p=0.3)
+    layers = [m for m in paper.modules() if isinstance(m, StandardDropout)]
+    assert len(layers) == 4 and all(m.scaling == "test_time" for m in layers)
+    # In evaluation the hidden features pass 4 drop sites in a row, each x 0.7; the last
+    # Linear then sees 0.7^4 times the features of the inverted network.
+    x = torch.randn(5, 1, 2, 2)
+    bias = paper[-1].bias
+    assert torch.allclose(paper.eval()(x) - bias, 0.7**4 * (inverted.eval()(x) - bias),
+                          atol=1e-6)
+    with pytest.raises(ValueError, match=r"^scaling must be one of"):
+        apply_standard_dropout(site_model(), scaling="original")
+    with pytest.raises(ValueError, match=r"^scaling must be one of"):
+        StandardDropout(0.5, scaling="original")
+
+
+def test_config_scaling_reaches_the_layers_and_a_bad_one_names_the_key() -> None:
+    from regdrop.errors import ConfigError
+    from regdrop.methods import apply_method
+
+    model = site_model()
+    apply_method(model, {"name": "standard", "p": 0.5, "sites": ["fc"], "scaling": "test_time"})
+    assert {m.scaling for m in model.modules() if isinstance(m, StandardDropout)} == {"test_time"}
+    with pytest.raises(ConfigError) as err:
+        apply_method(site_model(), {"name": "standard", "p": 0.5, "scaling": "original"})
+    assert err.value.key == "dropout.scaling" and "test_time" in str(err.value)

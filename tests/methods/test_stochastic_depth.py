@@ -8,20 +8,26 @@ import math
 import pytest
 import torch
 import torchvision
+from timm.layers import calculate_drop_path_rates
+from timm.models.convnext import ConvNeXt, convnext_femto
 from timm.models.mlp_mixer import MlpMixer
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from regdrop.data import DataInfo
 from regdrop.methods.base import DropModule, MethodNotApplicable, set_rate_factor
 from regdrop.methods.stochastic_depth import (
     BranchGate,
     StochasticDepthBasicBlock,
-    StochasticDepthBlock,
+    StochasticDepthConvNeXtBlock,
+    StochasticDepthSwinBlock,
     apply_stochastic_depth,
     depth_rates,
     drop_path_per_sample,
 )
+from regdrop.models import MODELS
 
 
 def tiny_vit(depth: int = 2) -> VisionTransformer:
@@ -31,6 +37,18 @@ def tiny_vit(depth: int = 2) -> VisionTransformer:
 
 def tiny_mixer() -> MlpMixer:
     return MlpMixer(img_size=16, patch_size=4, embed_dim=32, num_blocks=2, num_classes=10)
+
+
+def tiny_swin() -> SwinTransformer:
+    # 8 x 8 grid with 4 x 4 windows: the second block of the first stage is shifted.
+    return SwinTransformer(img_size=16, patch_size=2, embed_dim=16, depths=(2, 2),
+                           num_heads=(2, 4), window_size=4, num_classes=10, drop_path_rate=0.0)
+
+
+def tiny_convnext(ls_init_value: float = 0.5) -> ConvNeXt:
+    # A layer scale of 0.5 (timm's default is 1e-6) so the branch visibly matters.
+    return convnext_femto(pretrained=False, num_classes=10, dims=(8, 16, 24, 32),
+                          depths=(1, 2, 1, 1), patch_size=1, ls_init_value=ls_init_value)
 
 
 def gates(model: nn.Module) -> list[BranchGate]:
@@ -58,6 +76,50 @@ class CallCounter:
 def test_linear_rule_is_l_over_L():
     assert depth_rates(0.5, 4) == pytest.approx([0.125, 0.25, 0.375, 0.5])
     assert depth_rates(0.2, 3, "uniform") == [0.2, 0.2, 0.2]
+
+
+@pytest.mark.parametrize("rate, blocks", [(0.5, 12), (0.1, 24), (0.4, 12), (0.3, 1), (0.0, 5)])
+def test_linspace_rule_is_timms_bit_for_bit(rate, blocks):
+    # timm's stochastic depth decay rule: linspace(0, p, N), first block 0, last p.
+    ours = depth_rates(rate, blocks, "linspace")
+    assert ours == calculate_drop_path_rates(rate, blocks)
+    assert ours == [x.item() for x in torch.linspace(0, rate, blocks)]
+    assert ours[0] == 0.0 and ours[-1] == pytest.approx(rate if blocks > 1 else 0.0)
+
+
+def _official_rates(timm_model: nn.Module) -> list[float]:
+    """The drop-path rate of every ``DropPath`` of a timm model built with a drop path."""
+    return [m.drop_prob for m in timm_model.modules() if type(m).__name__ == "DropPath"]
+
+
+@pytest.mark.parametrize("mode", ["block", "sample"])
+def test_swin_femto_gates_get_the_official_linspace_rates(mode):
+    # Liu et al.'s code and timm: dpr = linspace(0, p, sum(depths)), one rate per Swin
+    # block, shared by its attention and MLP branches (drop_path1, drop_path2).
+    info = DataInfo("imagenet", 1000, 3, 224, 10, 10)
+    with torch.device("meta"):
+        model = MODELS["swin_femto"](info)
+        official = SwinTransformer(embed_dim=40, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16),
+                                   drop_path_rate=0.5)
+    report = apply_stochastic_depth(model, drop_rate=0.5, mode=mode, distribution="linspace")
+    assert report.counts() == {"SwinTransformerBlock -> StochasticDepthSwinBlock": 12}
+    expected = [x.item() for x in torch.linspace(0, 0.5, 12)]
+    ours = [g.peak for g in gates(model)]
+    assert ours == [rate for rate in expected for _branch in range(2)]
+    # timm builds no DropPath for the first block (rate 0): its two branches are the zeros.
+    assert ours == [0.0, 0.0, *_official_rates(official)]
+
+
+@pytest.mark.parametrize("mode", ["block", "sample"])
+def test_convnext_femto_gates_get_the_official_linspace_rates(mode):
+    info = DataInfo("imagenet", 1000, 3, 224, 10, 10)
+    with torch.device("meta"):
+        model = MODELS["convnext_femto"](info)
+        official = convnext_femto(pretrained=False, drop_path_rate=0.5)
+    report = apply_stochastic_depth(model, drop_rate=0.5, mode=mode, distribution="linspace")
+    assert report.counts() == {"ConvNeXtBlock -> StochasticDepthConvNeXtBlock": 12}
+    expected = [x.item() for x in torch.linspace(0, 0.5, 12)]
+    assert [g.peak for g in gates(model)] == expected == [0.0, *_official_rates(official)]
 
 
 def test_resnet18_gates_follow_linear_rule_in_module_order():
@@ -167,6 +229,100 @@ def test_mixer_block_mode_gates_token_and_channel_branches():
     assert abs(chan.calls - n * 0.4) < five_sigma(n, 0.4)
 
 
+def test_swin_block_mode_gates_attention_and_mlp_independently():
+    model = tiny_swin()
+    apply_stochastic_depth(model, drop_rate=0.5, distribution="uniform", seed=11)
+    block = model.layers[0].blocks[1]
+    assert isinstance(block, StochasticDepthSwinBlock) and block.shift_size == (2, 2)
+    attn_calls, mlp_calls = CallCounter(block.attn), CallCounter(block.mlp)
+    n, both_dropped = 300, 0
+    x = torch.randn(2, 8, 8, 16)  # the block alone: B x H x W x C
+    with torch.no_grad():
+        for _ in range(n):
+            a, m = attn_calls.calls, mlp_calls.calls
+            block(x)
+            both_dropped += attn_calls.calls == a and mlp_calls.calls == m
+    assert abs((n - attn_calls.calls) - n / 2) < five_sigma(n, 0.5)
+    assert abs((n - mlp_calls.calls) - n / 2) < five_sigma(n, 0.5)
+    assert abs(both_dropped - n / 4) < five_sigma(n, 0.25)
+
+
+def test_swin_branches_are_timms_scaled_when_kept_and_skipped_when_dropped():
+    torch.manual_seed(0)
+    original = tiny_swin()
+    model = copy.deepcopy(original)
+    apply_stochastic_depth(model, drop_rate=0.3, distribution="uniform", seed=2)
+    block, ref = model.layers[0].blocks[1], original.layers[0].blocks[1]  # shifted windows
+    x = torch.randn(2, 8, 8, 16)
+    seen = set()
+    with torch.no_grad():
+        for _ in range(30):
+            states = [g.generator.get_state() for g in block.gates()]
+            out = block(x)
+            for gate, state in zip(block.gates(), states, strict=True):
+                gate.generator.set_state(state)
+            keep_attn, keep_mlp = block.gate_attn.keep(), block.gate_mlp.keep()
+            # timm's own window attention and MLP, on the original block.
+            y = x + ref._attn(ref.norm1(x)) / 0.7 if keep_attn else x
+            y = y.reshape(2, 64, 16)
+            y = y + ref.mlp(ref.norm2(y)) / 0.7 if keep_mlp else y
+            torch.testing.assert_close(out, y.reshape(2, 8, 8, 16))
+            seen.add((keep_attn, keep_mlp))
+    assert len(seen) == 4
+
+
+def test_swin_wrapper_keeps_timms_mask_buffer_and_follows_a_new_input_size():
+    torch.manual_seed(0)
+    original = tiny_swin()
+    model = copy.deepcopy(original)
+    apply_stochastic_depth(model, drop_rate=0.5, mode="sample")
+    added = set(model.state_dict()) - set(original.state_dict())
+    assert added and all(".gate_" in key for key in added)  # no mask buffer saved
+    block = model.layers[0].blocks[1]
+    torch.testing.assert_close(block.attn_mask, original.layers[0].blocks[1].attn_mask)
+    set_rate_factor(model, 0.0)
+    for net in (original, model):
+        net.set_input_size((24, 24))  # timm recomputes windows and masks in every block
+    x = torch.randn(2, 3, 24, 24)
+    torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
+    assert block.input_resolution == (12, 12)
+
+
+def test_convnext_block_mode_skips_the_branch_and_scales_the_kept_one():
+    torch.manual_seed(0)
+    original = tiny_convnext()
+    model = copy.deepcopy(original)
+    apply_stochastic_depth(model, drop_rate=0.4, distribution="uniform", seed=3)
+    block, ref = model.stages[1].blocks[0], original.stages[1].blocks[0]
+    assert isinstance(block, StochasticDepthConvNeXtBlock)
+    assert block.gamma is model.stages[1].blocks[0].gamma and block.gamma is not None
+    dw_calls = CallCounter(block.conv_dw)
+    x = torch.randn(2, 16, 4, 4)
+    seen = set()
+    with torch.no_grad():
+        for _ in range(40):
+            state = block.gate.generator.get_state()
+            before = dw_calls.calls
+            out = block(x)
+            block.gate.generator.set_state(state)
+            kept = block.gate.keep()
+            assert (dw_calls.calls > before) == kept  # a dropped branch is not computed
+            branch = ref(x) - x  # timm's block: layer-scaled branch + identity shortcut
+            torch.testing.assert_close(out, x + branch / 0.6 if kept else x)
+            seen.add(kept)
+    assert seen == {True, False}
+
+
+def test_convnext_without_layer_scale():
+    model = convnext_femto(pretrained=False, num_classes=10, dims=(8, 16, 24, 32),
+                           depths=(1, 1, 1, 1), patch_size=1, ls_init_value=None)
+    reference = copy.deepcopy(model).eval()
+    apply_stochastic_depth(model, drop_rate=0.5, mode="sample")
+    assert model.stages[0].blocks[0].gamma is None
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model.eval()(x), reference(x), rtol=0, atol=0)
+
+
 def test_state_dict_round_trip_reproduces_gates():
     base = torchvision.models.resnet18(num_classes=10)
     first, second = copy.deepcopy(base), copy.deepcopy(base)
@@ -268,7 +424,9 @@ def test_sample_mode_keeps_dtype():
     (lambda: torchvision.models.resnet50(num_classes=10), (2, 3, 16, 16)),
     (tiny_vit, (2, 3, 16, 16)),
     (tiny_mixer, (2, 3, 16, 16)),
-], ids=["resnet18", "resnet50", "vit", "mixer"])
+    (tiny_swin, (2, 3, 16, 16)),
+    (tiny_convnext, (2, 3, 16, 16)),
+], ids=["resnet18", "resnet50", "vit", "mixer", "swin", "convnext"])
 def test_forward_backward_and_eval_equals_original_blocks(build, shape, mode):
     torch.manual_seed(0)
     original = build()
@@ -301,12 +459,13 @@ def test_rate_zero_is_the_original_block_in_training(mode):
     apply_stochastic_depth(model, drop_rate=0.0, mode=mode)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
-    vit = tiny_vit()
-    ref = copy.deepcopy(vit)
-    apply_stochastic_depth(vit, drop_rate=0.5, mode=mode)
-    set_rate_factor(vit, 0.0)
-    x = torch.randn(2, 3, 16, 16)
-    torch.testing.assert_close(vit(x), ref(x), rtol=0, atol=0)
+    for build in (tiny_vit, tiny_swin, tiny_convnext):
+        net = build()
+        ref = copy.deepcopy(net)
+        apply_stochastic_depth(net, drop_rate=0.5, mode=mode, distribution="linspace")
+        set_rate_factor(net, 0.0)
+        x = torch.randn(2, 3, 16, 16)
+        torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
 
 
 def test_test_time_scaling_multiplies_the_branch_at_eval_only():
@@ -330,15 +489,9 @@ def test_test_time_scaling_multiplies_the_branch_at_eval_only():
 def test_model_without_residual_blocks_is_not_applicable():
     with pytest.raises(MethodNotApplicable, match="residual blocks") as info:
         apply_stochastic_depth(torchvision.models.alexnet(num_classes=10))
-    assert "BasicBlock" in str(info.value) and "MixerBlock" in str(info.value)
-
-
-def test_applying_twice_is_refused():
-    model = tiny_vit()
-    apply_stochastic_depth(model)
-    with pytest.raises(ValueError, match="already has stochastic depth"):
-        apply_stochastic_depth(model)
-    assert sum(isinstance(m, StochasticDepthBlock) for m in model.modules()) == 2
+    assert all(block in str(info.value) for block in (
+        "BasicBlock", "Bottleneck", "vision_transformer.Block", "MixerBlock",
+        "SwinTransformerBlock", "ConvNeXtBlock"))
 
 
 @pytest.mark.parametrize("kwargs,name", [
