@@ -205,9 +205,10 @@ def test_measure_and_evaluate_leave_model_grads_rngs_and_loader_unchanged(model,
     assert_same(before, snapshot(net, data))
     diag.evaluate(net, data.test, tmp_path, max_batches=1)
     assert_same(before, snapshot(net, data))
-    # Measuring is a function of (seed, step, weights): again gives the same numbers.
-    assert diag.measure(4, net, multisample_loss, factor=0.5) == values
-    assert diag.measure(4, net, multisample_loss, factor=0.0) != values
+    if dropout["name"] == "gyro":
+        # Measuring is a function of (seed, step, weights, rate): again gives the same numbers.
+        assert diag.measure(4, net, multisample_loss, factor=0.5) == values
+        assert diag.measure(4, net, multisample_loss, factor=0.0) != values
 
 
 def run_training(diag_section, steps: int = 8):
