@@ -74,6 +74,7 @@ from regdrop.methods.base import (
     check_rate,
     derive_seed,
     keep_mask,
+    refuse_reapply,
     replace_module,
 )
 
@@ -168,7 +169,7 @@ class BranchGate(DropModule):
         self.generator.set_state(state["generator"].cpu())
 
     def extra_repr(self) -> str:
-        return (f"peak={self.peak:.4g}, mode={self.mode!r}, scaling={self.scaling!r}, "
+        return (f"{self.rate_repr('peak')}, mode={self.mode!r}, scaling={self.scaling!r}, "
                 f"seed={self.seed}")
 
 
@@ -375,6 +376,23 @@ SUPPORTED_BLOCKS = (
 )
 
 
+def check_options(
+    *,
+    drop_rate: float = 0.1,
+    mode: Mode = "block",
+    distribution: Distribution = "linear",
+    scaling: Scaling = "inverted",
+    seed: int = 0,
+) -> None:
+    """Raise `ValueError` (starting with the option's name) for a bad
+    `apply_stochastic_depth` option; needs no model."""
+    check_rate(drop_rate, "drop_rate")
+    check_choice(mode, "mode", MODES)
+    check_choice(distribution, "distribution", DISTRIBUTIONS)
+    check_choice(scaling, "scaling", SCALINGS)
+    check_int(seed, "seed")
+
+
 def apply_stochastic_depth(
     model: nn.Module,
     *,
@@ -393,22 +411,12 @@ def apply_stochastic_depth(
     suggests 0.1, linear, for ResNet-50/101 on ImageNet; Liu et al. use sample mode,
     linspace (0.5 for early s.d.). ``seed`` seeds the block-mode gate generators.
 
-    Raises `MethodNotApplicable` if the model has no supported residual block, and
-    ``ValueError`` if stochastic depth is already installed (apply it to a fresh model;
-    change its strength with `set_rate_factor`).
+    Raises `MethodNotApplicable` if the model has no supported residual block; a model
+    that already has stochastic depth is refused (`refuse_reapply`).
     """
-    check_rate(drop_rate, "drop_rate")
-    check_choice(mode, "mode", MODES)
-    check_choice(distribution, "distribution", DISTRIBUTIONS)
-    check_choice(scaling, "scaling", SCALINGS)
-    check_int(seed, "seed")
-
-    installed = [n for n, m in model.named_modules() if isinstance(m, StochasticDepthBlock)]
-    if installed:
-        raise ValueError(
-            f"model already has stochastic depth on {len(installed)} block(s) "
-            f"(first: {installed[0] or '<root>'}); apply it once, to a model built without "
-            "it, and change its strength with set_rate_factor")
+    check_options(drop_rate=drop_rate, mode=mode, distribution=distribution, scaling=scaling,
+                  seed=seed)
+    refuse_reapply(model, StochasticDepthBlock, "apply_stochastic_depth")
 
     if type(model) in _WRAPPERS:
         raise ValueError("model: is itself a residual block; apply stochastic depth to a "
