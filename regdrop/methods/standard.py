@@ -111,7 +111,16 @@ class StandardDropout(DropModule):
         return dropout(x, self.rate, True)
 
     def extra_repr(self) -> str:
-        return f"p={self.peak}, kind={self.kind!r}, scaling={self.scaling!r}"
+        return f"{self.rate_repr()}, kind={self.kind!r}, scaling={self.scaling!r}"
+
+
+def check_options(*, p: float = 0.5, sites: Iterable[str] = ("fc", "token", "attn"),
+                  scaling: Scaling = "inverted") -> None:
+    """Raise `ValueError` (starting with the option's name) for a bad `apply_standard_dropout`
+    option; needs no model."""
+    check_rate(p, "p")
+    normalise_sites(sites)
+    check_choice(scaling, "scaling", SCALINGS)
 
 
 def apply_standard_dropout(
@@ -122,19 +131,16 @@ def apply_standard_dropout(
     is in ``sites``.
 
     Sites are `DropSite` placeholders and plain torch dropout modules (see `find_sites`).
-    Applying again does not wrap twice: a `StandardDropout` already at a site of those kinds
-    gets ``p`` as its peak and rate in force (reported as ``StandardDropout -> StandardDropout``).
-    ``p = 0.5`` is the paper's value for hidden fully connected layers; ``scaling="test_time"``
-    is the paper's original form (see the module docstring).
+    A model that already has standard dropout is refused (`refuse_reapply`). ``p = 0.5`` is
+    the paper's value for hidden fully connected layers; ``scaling="test_time"`` is the
+    paper's original form (see the module docstring).
     """
-    check_rate(p, "p")
-    check_choice(scaling, "scaling", SCALINGS)
+    check_options(p=p, sites=sites, scaling=scaling)
     return fill_sites(
         model,
         normalise_sites(sites),
         lambda kind, _site: StandardDropout(p, kind=kind, scaling=scaling),
         layer_type=StandardDropout,
-        peak=p,
         report=SurgeryReport("standard"),
         function="apply_standard_dropout",
     )

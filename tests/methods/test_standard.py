@@ -156,17 +156,6 @@ def test_apply_fills_the_chosen_sites_and_reports_them() -> None:
     model.train()(torch.randn(5, 1, 2, 2))
 
 
-def test_applying_again_updates_the_peak_instead_of_wrapping() -> None:
-    model = site_model()
-    apply_standard_dropout(model, p=0.3)
-    model[3].set_rate_factor(0.5)
-    report = apply_standard_dropout(model, p=0.1, sites=["fc"])
-    assert report.counts() == {"StandardDropout -> StandardDropout": 2}
-    assert model[3].peak == 0.1 and model[3].rate_value() == pytest.approx(0.1)
-    assert model[4][0].peak == 0.3  # token site not asked for
-    assert sum(isinstance(m, StandardDropout) for m in model.modules()) == 4
-
-
 def test_apply_works_on_a_foreign_timm_model() -> None:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -190,7 +179,7 @@ def test_errors_name_the_parameter() -> None:
 
 def test_repr_shows_the_hyper_parameters() -> None:
     assert repr(StandardDropout(0.25, kind="token")) == (
-        "StandardDropout(p=0.25, kind='token', scaling='inverted')")
+        "StandardDropout(p=0.25, rate=0.25, kind='token', scaling='inverted')")
     assert "scaling='test_time'" in repr(StandardDropout(0.25, scaling="test_time"))
 
 
@@ -284,4 +273,3 @@ def test_config_scaling_reaches_the_layers_and_a_bad_one_names_the_key() -> None
     with pytest.raises(ConfigError) as err:
         apply_method(site_model(), {"name": "standard", "p": 0.5, "scaling": "original"})
     assert err.value.key == "dropout.scaling" and "test_time" in str(err.value)
-
