@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -337,8 +338,11 @@ def _fashion_mnist(cfg):
             # Unpack Debian's files once, where torchvision's loader looks for them.
             raw.mkdir(parents=True, exist_ok=True)
             for f in FASHION_MNIST_FILES:
-                with gzip.open(DEBIAN_FASHION_MNIST / f"{f}.gz", "rb") as src, open(raw / f, "wb") as dst:
+                # Unpacked under a private name, then renamed: parallel jobs never read half a file.
+                partial = raw / f"{f}.{os.getpid()}.partial"
+                with gzip.open(DEBIAN_FASHION_MNIST / f"{f}.gz", "rb") as src, open(partial, "wb") as dst:
                     shutil.copyfileobj(src, dst)
+                os.replace(partial, raw / f)
         elif not cfg.download:
             raise _missing(cfg, "Fashion-MNIST", _FASHION_MNIST_HOW)
     train, test = _torchvision_splits(FashionMNIST, cfg, "Fashion-MNIST")

@@ -39,6 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -160,7 +161,7 @@ class DropModule(nn.Module):
         value = self.peak * factor
         self.rate.fill_(value)
         # The value just written, rounded as the buffer stores it: no device read.
-        stored = torch.tensor(value, dtype=self.rate.dtype).item()
+        stored = float(np.float32(value)) if self.rate.dtype == torch.float32 else float(value)
         self._rate_mirror = (self.rate, self.rate._version, stored)
 
     def rate_repr(self, name: str = "p") -> str:
