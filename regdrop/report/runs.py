@@ -271,7 +271,8 @@ def job_status(job: Job, *, stale_s: float = DEFAULT_STALE_S, now: float | None 
         if log_age is not None and log_age <= stale_s:
             return RUNNING, f"metrics.jsonl written {log_age:.0f} s ago (no run.json)"
         return STOPPED, "no metrics.json: killed or crashed (no run.json to tell which)"
-    return FAILED_EARLY, "no metrics were written (see the job's log for the error)"
+    return FAILED_EARLY, ("no metrics were written: the run stopped before training (a bad "
+                          "config value, say; the sweep's console output has the error)")
 
 
 def load_job(path: Path, *, stale_s: float = DEFAULT_STALE_S) -> Job:
