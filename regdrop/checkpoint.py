@@ -1,17 +1,33 @@
-"""The state of a training run that is not a module's: `TrainState`.
+"""The state of a training run that is not a module's (`TrainState`), and checkpoints.
 
 Everything the loop counts (step, epoch, the best test accuracy, timings, the running sums
-of the current epoch) lives in one object with a ``state_dict``, so a checkpoint holds it
-whole and a resumed run continues every count where it stopped.
+of the current epoch) lives in one object with a ``state_dict``. A checkpoint holds it
+whole, with the model (every method's state included: gyro's bank, selection and step,
+block-mode gate generators), the optimizer, the LR schedule, the grad scaler, every
+random generator, the data position, the length of ``metrics.jsonl`` it covers and the
+wandb run id, so a resumed run continues exactly where it stopped.
+
+Checkpoints are written atomically: to a temporary file, flushed and fsync'ed, then
+renamed over the old one (and the folder fsync'ed), so a run killed at any moment leaves
+either the old checkpoint or the new one, never a torn file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from regdrop.tracking import StepValues
+
+CHECKPOINT = "checkpoint.pt"  # the last one, in the run folder
+BEST = "best.pt"  # the one with the best test accuracy (trainer.keep_best)
 
 
 @dataclass
@@ -20,6 +36,8 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch in progress (from 1), or the last one finished
+    epoch_steps: int = 0  # optimizer steps done in that epoch
+    epoch_finished: bool = True  # its steps and its evaluation are done
     best_acc: float = 0.0
     last_eval: dict[str, float] = field(default_factory=dict)
     train_time: float = 0.0  # seconds spent in training steps
@@ -28,9 +46,17 @@ class TrainState:
     epoch_correct: int = 0
     epoch_samples: int = 0
     epoch_loss: float = float("nan")  # the mean of the last finished epoch
+    epoch_means: dict[str, float] = field(default_factory=dict)  # of the last finished epoch
+
+    def next_epoch(self) -> int:
+        """The epoch to run now: the unfinished one (a resumed run), else the next."""
+        return self.epoch if not self.epoch_finished else self.epoch + 1
 
     def begin_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Start ``epoch``, unless it is the unfinished one a resumed run continues."""
+        if epoch == self.epoch and not self.epoch_finished:
+            return
+        self.epoch, self.epoch_steps, self.epoch_finished = epoch, 0, False
         self.epoch_loss_sum, self.epoch_correct, self.epoch_samples = 0.0, 0, 0
 
     def add(self, values: StepValues) -> None:
@@ -46,11 +72,15 @@ class TrainState:
         """The finished epoch's mean training loss and accuracy."""
         samples = max(self.epoch_samples, 1)
         self.epoch_loss = self.epoch_loss_sum / samples
-        return {"train/epoch_loss": self.epoch_loss, "train/epoch_acc": self.epoch_correct / samples}
+        self.epoch_means = {"train/epoch_loss": self.epoch_loss, "train/epoch_acc": self.epoch_correct / samples}
+        return self.epoch_means
 
-    def record_eval(self, metrics: dict[str, float]) -> None:
+    def record_eval(self, metrics: dict[str, float]) -> bool:
+        """Keep an evaluation; True when it is the best so far."""
         self.last_eval = dict(metrics)
+        better = metrics["test/acc"] > self.best_acc
         self.best_acc = max(self.best_acc, metrics["test/acc"])
+        return better
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -58,3 +88,41 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random generator a run draws from."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomically(payload: dict[str, Any], path: Path) -> Path:
+    """``torch.save`` to ``path`` through a temporary file: write, flush, fsync, rename."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash
+    finally:
+        os.close(folder)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by `save_atomically` (on the CPU; the caller moves state)."""
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,8 +1,17 @@
-"""The process a run lives in: device, precision, seeds and CPU threads.
+"""The process a run lives in: device, precision, seeds, CPU threads, and its place among
+data-parallel processes.
 
 `check_trainer` checks the config ``trainer`` section (how the run executes) without
 building anything; `setup_runtime` applies it and returns a `Runtime`, which the training
-loop asks for the device and the autocast context.
+loop asks for the device, the autocast context, and the rank.
+
+Data parallelism comes from torchrun's environment (``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``): nccl on GPUs (one per local rank), gloo on the
+CPU. Under SLURM through submitit with several tasks and no torchrun, submitit's
+``TorchDistributedEnvironment`` exports the same variables. Every rank seeds the model's
+initialisation alike; the global generators that draw dropout masks then get a per-rank
+seed, so standard dropout and sample-wise masks differ across ranks while the methods'
+own generators (gyro's bank and selection, block-mode gates) agree everywhere.
 """
 
 from __future__ import annotations
@@ -16,10 +25,12 @@ import numpy as np
 import torch
 
 from regdrop.errors import ConfigError, check_keys, check_number
+from regdrop.methods.base import derive_seed
 
 TRAINER_KEYS = {
     "epochs", "grad_accum", "device", "precision", "compile", "compile_backend", "deterministic",
     "threads", "eval_every", "eval_batches", "max_steps", "grad_clip", "progress", "log_every",
+    "checkpoint_every", "keep_best", "resume", "rerun",
 }
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # numpy's legacy seeding, which `seed_everything` feeds, takes 0 .. 2**32 - 1.
@@ -28,10 +39,44 @@ MAX_SEED = 2**32 - 1
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how the run computes."""
+    """Where and how the run computes, and which of ``world_size`` processes this is."""
 
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: fp32
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes the run folder and logs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def seed_per_rank(self, seed: int) -> None:
+        """After the model is built (alike on every rank): per-rank global generators."""
+        if self.distributed:
+            torch.manual_seed(derive_seed(seed, 0x52414E4B, self.rank))
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the ranks, in place (a no-op on one process)."""
+        if self.distributed:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank (any picklable object)."""
+        if not self.distributed:
+            return value
+        holder = [value]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def close(self) -> None:
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The mixed-precision context of forward passes (a no-op in fp32)."""
@@ -54,7 +99,11 @@ def check_trainer(trainer) -> None:
     for key in ("max_steps", "eval_batches", "threads"):
         check_number(trainer[key], f"trainer.{key}", integer=True, minimum=1, optional=True)
     check_number(trainer.grad_clip, "trainer.grad_clip", above=0, optional=True)
-    for key in ("compile", "deterministic", "progress"):
+    check_number(trainer.checkpoint_every, "trainer.checkpoint_every", integer=True, minimum=1, optional=True)
+    resume = trainer.resume
+    if not isinstance(resume, str) or not resume:
+        raise ConfigError("trainer.resume", f"must be auto, never or the path of a checkpoint / run folder, got {resume!r}")
+    for key in ("compile", "deterministic", "progress", "keep_best", "rerun"):
         if not isinstance(trainer[key], bool):
             raise ConfigError(f"trainer.{key}", f"must be true or false, got {trainer[key]!r}")
     pick_precision(trainer.precision, pick_device(trainer.device))
@@ -72,12 +121,34 @@ def check_compile_backend(name) -> None:
 
 
 def setup_runtime(trainer, seed: int) -> Runtime:
-    """Seed every global generator, set threads and determinism; pick device and precision."""
+    """Seed every global generator, set threads and determinism; pick device and precision;
+    join the process group when launched by torchrun (or submitit with several tasks)."""
     seed_everything(seed, trainer.deterministic)
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
+    rank, local_rank, world_size = _distributed_environment()
     device = pick_device(trainer.device)
-    return Runtime(device, pick_precision(trainer.precision, device))
+    if world_size > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, pick_precision(trainer.precision, device), rank, world_size)
+
+
+def _distributed_environment() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from torchrun's variables, or from SLURM through
+    submitit when a job has several tasks and no torchrun."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
+            and "SUBMITIT_EXECUTOR" in os.environ:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 0, 1
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -165,7 +165,8 @@ def test_a_step_begins_the_methods_once_with_its_step_and_rate(monkeypatch):
 
 def test_methods_get_the_whole_runs_length_and_every_step_once_with_the_logged_rate(make_config, monkeypatch):
     setups, begins, used = [], [], []
-    monkeypatch.setattr(GyroDropout, "setup_run", lambda self, n, f=GyroDropout.setup_run: (setups.append(n), f(self, n)))
+    original_setup = GyroDropout.setup_run
+    monkeypatch.setattr(GyroDropout, "setup_run", lambda self, n, *a: (setups.append(n), original_setup(self, n, *a)))
     original_begin, original_forward = GyroDropout.begin_step, GyroDropout.forward
 
     def begin(self, step):

@@ -64,6 +64,7 @@ __all__ = [
     "check_method",
     "drop_modules",
     "find_sites",
+    "has_unused_parameters",
     "method_function",
     "peak_rate",
     "predictions",
@@ -145,10 +146,12 @@ def apply_method(model: nn.Module, cfg: Mapping, *, seed: int = 0) -> SurgeryRep
     return report
 
 
-def setup_run(model: nn.Module, total_steps: int) -> None:
-    """Tell every drop layer of ``model`` the run's length in optimizer steps (gyro's periods)."""
+def setup_run(model: nn.Module, total_steps: int, rank: int = 0, world_size: int = 1) -> None:
+    """Tell every drop layer of ``model`` the run's length in optimizer steps (gyro's
+    periods) and this process's place among the data-parallel ranks (gyro's sub-batches
+    are cut from the global batch)."""
     for module in drop_modules(model):
-        module.setup_run(total_steps)
+        module.setup_run(total_steps, rank, world_size)
 
 
 def begin_step(model: nn.Module, step: int, factor: float = 1.0) -> None:
@@ -156,6 +159,12 @@ def begin_step(model: nn.Module, step: int, factor: float = 1.0) -> None:
     for module in drop_modules(model):
         module.set_rate_factor(factor)
         module.begin_step(step)
+
+
+def has_unused_parameters(model: nn.Module) -> bool:
+    """Whether a training step may leave parameters without a gradient (block-mode
+    stochastic depth skips whole branches), which data parallelism must be told of."""
+    return any(getattr(module, "skips_computation", False) for module in drop_modules(model))
 
 
 def peak_rate(model: nn.Module) -> float:

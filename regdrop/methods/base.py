@@ -208,8 +208,9 @@ class DropModule(nn.Module):
         for the rest it does nothing.
         """
 
-    def setup_run(self, total_steps: int) -> None:
-        """Called once before training with the run's total number of optimizer steps."""
+    def setup_run(self, total_steps: int, rank: int = 0, world_size: int = 1) -> None:
+        """Called once before training with the run's total number of optimizer steps and
+        this process's rank among ``world_size`` data-parallel processes."""
 
 
 def keep_scale(rate: torch.Tensor) -> torch.Tensor:

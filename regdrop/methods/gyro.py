@@ -105,12 +105,17 @@ def gyro_masks(
     return keep * (keep.shape[-1] / kept)
 
 
-def gyro_dropout(x: torch.Tensor, masks: torch.Tensor, mask_axis: int = -1) -> torch.Tensor:
+def gyro_dropout(
+    x: torch.Tensor, masks: torch.Tensor, mask_axis: int = -1, shard: tuple[int, int] = (0, 1)
+) -> torch.Tensor:
     """Multiply contiguous sub-batches of ``x`` by the rows of ``masks`` (``tau x d``).
 
     Sample ``i`` of the ``B`` samples uses row ``floor(i * tau / B)``; the row is laid along
     ``mask_axis`` of ``x`` (which must have size ``d``) and broadcast over the other axes.
-    The masks are cast to the device and dtype of ``x``.
+    The masks are cast to the device and dtype of ``x``. Under data parallelism ``x`` is
+    rank ``r``'s slice of a global batch of ``B * W`` samples (``shard = (r, W)``): its sample
+    ``i`` is global sample ``r * B + i`` and uses row ``floor((r * B + i) * tau / (B * W))``,
+    so the global batch is cut into ``tau`` sub-batches exactly as on one process.
     """
     axis = _batch_free_axis(mask_axis, x.dim())
     tau, width = masks.shape
@@ -119,7 +124,8 @@ def gyro_dropout(x: torch.Tensor, masks: torch.Tensor, mask_axis: int = -1) -> t
             f"gyro masks have {width} features but the input has {x.shape[axis]} along axis {axis}"
         )
     batch = x.shape[0]
-    which = torch.arange(batch, device=x.device) * tau // batch
+    rank, world_size = shard
+    which = (torch.arange(batch, device=x.device) + rank * batch) * tau // (batch * world_size)
     per_sample = masks.to(device=x.device, dtype=x.dtype)[which]
     shape = [batch] + [1] * (x.dim() - 1)
     shape[axis] = width
@@ -243,6 +249,7 @@ class GyroDropout(DropModule):
         self.width = None if width is None else operator.index(width)
         self.total_steps: int | None = None
         self.period: int | None = None
+        self.shard = (0, 1)  # (rank, world size): see setup_run
 
         # The bank and the selections come from separate streams, so the selections do not
         # depend on whether the bank was drawn before or after the first `begin_step`.
@@ -276,9 +283,11 @@ class GyroDropout(DropModule):
 
     # -- periods and selection ---------------------------------------------------------
 
-    def setup_run(self, total_steps: int) -> None:
-        """Set the period from the run's length (the authors' rule, see `gyro_period`)."""
+    def setup_run(self, total_steps: int, rank: int = 0, world_size: int = 1) -> None:
+        """Set the period from the run's length (the authors' rule, see `gyro_period`), and
+        this process's place among ``world_size`` data-parallel ranks (`gyro_dropout`)."""
         _check_total_steps(total_steps)
+        self.shard = (rank, world_size)
         self.total_steps = operator.index(total_steps)
         self.period = gyro_period(self.total_steps, self.sigma, self.tau)
         if self._step is not None:
@@ -347,7 +356,7 @@ class GyroDropout(DropModule):
         # the step or the period (integer attributes) and recompile every step.
         if not self._ready:
             self._prepare(x)
-        return gyro_dropout(x, self.masks(), self.mask_axis)
+        return gyro_dropout(x, self.masks(), self.mask_axis, self.shard)
 
     def _prepare(self, x: torch.Tensor) -> None:
         """First training forward: check the period, draw a lazy bank, select period 0."""

@@ -135,6 +135,12 @@ class BranchGate(DropModule):
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
 
+    @property
+    def skips_computation(self) -> bool:
+        """Block mode skips dropped branches: their parameters get no gradient that step
+        (the same on every data-parallel rank, whose gates draw alike)."""
+        return self.mode == "block"
+
     @torch.compiler.disable
     def keep(self) -> bool:
         """Whether the branch is computed in this forward (draws the gate in block mode).

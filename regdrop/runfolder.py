@@ -1,0 +1,211 @@
+"""A run's identity and its folder.
+
+A run's identity is a hash of its resolved config minus the keys that only say where or
+how fast it runs (`RUNTIME_KEYS`: the device, workers, progress bar, logging, paths,
+resume flags...). Hydra's run folder is named after it (``<experiment or data-model-method>
+/<hash>``, through the ``regdrop_run`` resolver), so every rank of a torchrun job, and
+every re-launch of the same command, lands in the same folder, and a different config
+never lands in a used one.
+
+`RunFolder.open` decides what a run does with its folder:
+
+* empty: a fresh run; the config (``.hydra/config.yaml``, ``overrides.yaml``,
+  ``hydra.yaml``) and ``environment.json`` (git commit, dirty tree, library versions) are
+  written, after validation, so a rejected config writes nothing;
+* a checkpoint there (or ``trainer.resume=PATH``): the run resumes from it;
+* a finished run of the same config: reported and not rerun (``trainer.rerun=true`` moves
+  its files to ``previous-<time>/`` and runs again);
+* another config's run, or a live run of this one: a `ConfigError`, nothing touched.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from regdrop.checkpoint import CHECKPOINT, load_checkpoint
+from regdrop.errors import ConfigError
+
+# Keys that do not change what a run computes, only where or how fast: not in the identity.
+RUNTIME_KEYS = (
+    "hydra", "paths", "logger", "tags", "optimized_metric", "task_name", "table",
+    "trainer.device", "trainer.progress", "trainer.threads", "trainer.log_every",
+    "trainer.checkpoint_every", "trainer.keep_best", "trainer.resume", "trainer.rerun",
+    "trainer.compile", "trainer.compile_backend", "trainer.deterministic",
+    "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
+)
+RESULT_FILES = ("metrics.json", "metrics.jsonl", "run.json", CHECKPOINT, "best.pt", "surgery.txt",
+                "train.log", "drop_schedule.png", "environment.json", ".hydra", "wandb")
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config minus `RUNTIME_KEYS`: what decides a run's result."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    for key in RUNTIME_KEYS:
+        section, _, leaf = key.rpartition(".")
+        holder = plain.get(section) if section else plain
+        if isinstance(holder, dict):
+            holder.pop(leaf, None)
+    return OmegaConf.to_container(OmegaConf.create(plain), resolve=True)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """12 hex digits of the SHA-1 of `identity`."""
+    text = json.dumps(identity(cfg), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def run_name(cfg: DictConfig) -> str:
+    """``<experiment or data-model-method>/<hash>``: readable, then exact."""
+    experiment = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None)
+    group = experiment or f"{cfg.data.name}-{cfg.model.name}-{cfg.dropout.name}"
+    return f"{group}/{config_hash(cfg)}"
+
+
+def sweep_name(cfg: DictConfig) -> str:
+    """A multirun's folder: ``<experiment or 'sweep'>-<hash of the command's overrides>``,
+    the same each time the same sweep is launched, so a re-launch finds its jobs."""
+    experiment = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None)
+    overrides = sorted(OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or [])
+    digest = hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:8]
+    return f"{experiment or 'sweep'}-{digest}"
+
+
+def register_resolvers() -> None:
+    """``${regdrop_run:}`` and ``${regdrop_sweep:}`` for Hydra's run and sweep folders."""
+    if not OmegaConf.has_resolver("regdrop_run"):
+        OmegaConf.register_new_resolver("regdrop_run", lambda *, _root_: run_name(_root_))
+        OmegaConf.register_new_resolver("regdrop_sweep", lambda *, _root_: sweep_name(_root_))
+
+
+@dataclass
+class Decision:
+    """What a run does with its folder: ``fresh``, ``resume`` (from ``checkpoint``) or
+    ``finished`` (with the ``summary`` it already has)."""
+
+    action: str
+    checkpoint: Path | None = None
+    summary: dict[str, Any] | None = None
+
+
+class RunFolder:
+    """The run folder of one config, held (a lock) while the run is in it."""
+
+    def __init__(self, path: Path, cfg: DictConfig) -> None:
+        self.path, self.cfg, self.hash = Path(path), cfg, config_hash(cfg)
+        self._lock = None
+
+    def open(self, resume: str | None, rerun: bool) -> Decision:
+        """Claim the folder and decide (module doc); raises `ConfigError` if it is not ours."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._claim()
+        stored = self._stored_hash()
+        used = stored is not None or any((self.path / f).exists() for f in ("metrics.jsonl", CHECKPOINT))
+        if used and stored != self.hash:
+            self.release()
+            what = f"the run of another config (hash {stored})" if stored else "files of another run"
+            raise ConfigError("hydra.run.dir", f"{self.path} holds {what}, not this config's (hash "
+                              f"{self.hash}); a run never writes into another's folder. Use a fresh folder.")
+        if resume not in (None, "auto", "never"):
+            checkpoint = Path(resume)
+            checkpoint = checkpoint / CHECKPOINT if checkpoint.is_dir() else checkpoint
+            if not checkpoint.is_file():
+                self.release()
+                raise ConfigError("trainer.resume", f"no checkpoint at {resume!r}; give a checkpoint "
+                                  "file or a run folder, or auto")
+            if load_checkpoint(checkpoint).get("config_hash") != self.hash:
+                self.release()
+                raise ConfigError("trainer.resume", f"{checkpoint} is a checkpoint of another config; "
+                                  "resume a run with the config it was started with")
+            return Decision("resume", checkpoint)
+        finished = self.path / "metrics.json"
+        if used and finished.exists():
+            if not rerun:
+                return Decision("finished", summary=json.loads(finished.read_text()))
+            self._archive()
+            return Decision("fresh")
+        if used and resume != "never" and (self.path / CHECKPOINT).exists():
+            return Decision("resume", self.path / CHECKPOINT)
+        if used:
+            self._archive()  # a run killed before its first checkpoint: start again, keep its files
+        return Decision("fresh")
+
+    def write_config(self) -> None:
+        """The config, the overrides and what else decides the result (environment.json)."""
+        hydra = self.path / ".hydra"
+        hydra.mkdir(exist_ok=True)
+        OmegaConf.save(self.cfg, hydra / "config.yaml")
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            if HydraConfig.initialized():
+                OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), hydra / "overrides.yaml")
+                OmegaConf.save(HydraConfig.get(), hydra / "hydra.yaml")
+        except ValueError:
+            pass
+        if not (hydra / "overrides.yaml").exists():
+            OmegaConf.save(OmegaConf.create([]), hydra / "overrides.yaml")
+        (self.path / "environment.json").write_text(json.dumps(environment(self.hash), indent=2) + "\n")
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _claim(self) -> None:
+        self._lock = open(self.path / ".lock", "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            raise ConfigError("hydra.run.dir", f"{self.path} is in use by a running run of this config "
+                              "(another process holds it); wait for it or stop it") from None
+
+    def _stored_hash(self) -> str | None:
+        stored = self.path / ".hydra" / "config.yaml"
+        return config_hash(OmegaConf.load(stored)) if stored.exists() else None
+
+    def _archive(self) -> None:
+        """Move a previous attempt's files aside: nothing written is ever lost."""
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+        target = self.path / f"previous-{stamp}"
+        target.mkdir()
+        for name in RESULT_FILES:
+            if (self.path / name).exists():
+                shutil.move(str(self.path / name), str(target / name))
+
+
+def environment(config_hash: str) -> dict[str, Any]:
+    """What else decides a result: regdrop's commit (and a dirty tree), library versions."""
+    import importlib.metadata as metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    root = Path(__file__).resolve().parents[1]
+    commit = dirty = None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        if commit:
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout
+            dirty = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"config_hash": config_hash, "git_commit": commit, "git_dirty": dirty, "versions": versions,
+            "host": platform.node(), "pid": os.getpid()}
