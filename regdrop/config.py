@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from regdrop.data import DataInfo, check_data, data_info
+from regdrop.diagnostics import check_diagnostics
 from regdrop.errors import ConfigError, check_keys
 from regdrop.methods import apply_method, check_method
 from regdrop.models import build_model, check_model
@@ -28,6 +29,7 @@ from regdrop.tracking import check_logger
 TOP_LEVEL_KEYS = {
     "task_name", "seed", "tags", "optimized_metric",
     "data", "model", "dropout", "schedule", "optim", "lr", "trainer", "logger", "paths",
+    "diagnostics",
 }
 # Summary keys a sweeper may optimise (`optimized_metric`): what `train` returns.
 OPTIMIZABLE = ("best/test_acc", "test/acc", "test/loss", "train/loss")
@@ -55,6 +57,7 @@ def validate(cfg: DictConfig) -> Checked:
     check_lr(cfg.lr)
     check_trainer(cfg.trainer)
     check_logger(cfg.logger)
+    check_diagnostics(cfg.diagnostics)
     info = data_info(cfg.data)
     with torch.device("meta"):
         model = build_model(cfg.model, info)

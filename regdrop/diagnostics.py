@@ -65,10 +65,9 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from regdrop.errors import ConfigError, check_keys, check_number
-from regdrop.methods import begin_step
+from regdrop.methods import begin_step, training_loss
 from regdrop.methods.base import DropModule, derive_seed
 from regdrop.methods.gyro import GyroDropout
-from regdrop.methods.multisample import multisample_loss
 
 KEYS = (
     "name", "every", "until", "batches", "reference_batches", "mc_samples",
@@ -504,10 +503,13 @@ def check_diagnostics(section: Mapping) -> None:
                           f"must be one of {', '.join(GYRO_SUBNETWORKS)}, got {section['gyro_subnetworks']!r}")
 
 
-def train_test_gap(train_loss: float, train_acc: float, test_loss: float, test_acc: float) -> dict[str, float]:
-    """``gap/acc`` = train - test accuracy and ``gap/loss`` = test - train loss: both positive
-    when the model does better on its training data (over-fitting)."""
-    return {"gap/acc": train_acc - test_acc, "gap/loss": test_loss - train_loss}
+def train_test_gap(train: Mapping[str, float], test: Mapping[str, float]) -> dict[str, float]:
+    """``gap/acc`` = train - test accuracy and ``gap/loss`` = test - train loss, from the
+    last epoch's means (``train/epoch_acc``, ``train/epoch_loss``) and an evaluation
+    (``test/acc``, ``test/loss``): both positive when the model does better on its training
+    data (over-fitting), near 0 or negative when it under-fits."""
+    return {"gap/acc": train["train/epoch_acc"] - test["test/acc"],
+            "gap/loss": test["test/loss"] - train["train/epoch_loss"]}
 
 
 class Diagnostics:
@@ -563,7 +565,7 @@ class Diagnostics:
             return step in self.steps
         return self.every is not None and step % self.every == 0
 
-    def measure(self, step: int, model: nn.Module, loss_fn: LossFn = multisample_loss,
+    def measure(self, step: int, model: nn.Module, loss_fn: LossFn = training_loss,
                 factor: float | None = None) -> dict[str, float]:
         """``diag/gdv``, ``diag/gde``, ``diag/grad_norm``, ``diag/reference_grad_norm`` and
         ``diag/weight_distance`` of ``model`` at ``step``; training is left untouched.

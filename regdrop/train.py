@@ -18,6 +18,7 @@ from tqdm import tqdm
 from regdrop.checkpoint import TrainState
 from regdrop.config import validate
 from regdrop.data import build_data, set_epoch
+from regdrop.diagnostics import Diagnostics, train_test_gap
 from regdrop.errors import ConfigError
 from regdrop.methods import (
     apply_method,
@@ -57,6 +58,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         runtime=runtime, grad_accum=trainer.grad_accum, grad_clip=trainer.grad_clip,
     )
     peak, state = peak_rate(model), TrainState()
+    # Off by default; on, it measures without changing training (docs/diagnostics.md).
+    diagnostics = Diagnostics(cfg.diagnostics, model, data, seed=cfg.seed,
+                              batch_size=cfg.data.batch_size * trainer.grad_accum)
 
     with RunTracker(output_dir, cfg) as tracker:
         parameters = sum(p.numel() for p in model.parameters())
@@ -87,6 +91,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             step_log.start_window()
             for _ in range(steps_this_epoch):
                 factor = schedule.factor(state.step)
+                if diagnostics.due(state.step):  # before the step; not counted as training time
+                    show(bar, state, step_log.flush())
+                    tracker.log({"step": state.step, "epoch": epoch,
+                                 **diagnostics.measure(state.step, model, factor=factor)}, step=state.step)
+                    step_log.start_window()
                 out = train_step(parts, batches, state.step, factor)
                 record = {"step": state.step, "epoch": epoch, "lr": out.lr, "train/drop_rate": peak * factor}
                 state.step += 1
@@ -110,7 +119,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "train/loss": state.epoch_loss, **state.last_eval, "best/test_acc": state.best_acc,
             "epoch": state.epoch, "step": state.step, "wall_time_s": time.perf_counter() - run_start,
             "train_time_s": state.train_time, "samples_per_s": state.train_samples / max(state.train_time, 1e-9),
-            "wandb_run_id": tracker.run_id,
+            "wandb_run_id": tracker.run_id, **train_test_gap(epoch_means, state.last_eval),
+            **diagnostics.evaluate(model, data.test, output_dir, trainer.eval_batches),
         }
         tracker.print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in summary.items()))

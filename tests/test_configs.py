@@ -17,7 +17,7 @@ from regdrop.schedules import DropSchedule
 from tests.conftest import CONF, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-GROUPS = ["data", "model", "dropout", "schedule", "optim", "lr", "trainer", "logger"]
+GROUPS = ["data", "model", "dropout", "schedule", "optim", "lr", "trainer", "logger", "diagnostics"]
 
 
 def check(cfg) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +37,8 @@ from regdrop.methods.gyro import GyroDropout
 from regdrop.methods.multisample import multisample_loss
 from regdrop.methods.standard import StandardDropout
 from regdrop.models import build_model
-from tests.conftest import CONF
+from regdrop.train import train
+from tests.conftest import CONF, TINY, compose_config
 
 LIU = dict(OmegaConf.to_container(OmegaConf.load(CONF / "diagnostics" / "liu.yaml")))
 
@@ -360,3 +363,32 @@ def test_preserved_state_restores_a_replaced_buffer_object():
         model.body[1].running_mean = torch.ones(12)
         torch.rand(3)
     assert model.body[1].running_mean is mean and torch.equal(mean, torch.zeros(12))
+
+
+# -- in the training loop --------------------------------------------------------------------
+
+
+def test_train_losses_are_bit_identical_with_diagnostics_on_and_off(tmp_path):
+    # An early-dropout schedule: the rate moves at every measured step (1, 2/3, 1/3, 0).
+    def losses(*overrides):
+        cfg = compose_config([*TINY, "model.width=0.125", "dropout=standard", "schedule=early",
+                              "schedule.shape=linear", "schedule.cutoff_epoch=1", "data.augment=true",
+                              *overrides], tmp_path / str(len(overrides)))
+        summary = train(cfg)
+        records = [json.loads(line) for line in (Path(cfg.paths.output_dir) / "metrics.jsonl").open()]
+        return summary, records, Path(cfg.paths.output_dir)
+
+    off, off_records, _ = losses()
+    on, on_records, folder = losses("diagnostics=liu", "diagnostics.every=1", "diagnostics.batches=2",
+                                    "diagnostics.reference_batches=2", "diagnostics.mc_samples=3")
+    assert [r["train/loss"] for r in on_records if "train/loss" in r] == \
+        [r["train/loss"] for r in off_records if "train/loss" in r]
+    assert (on["test/loss"], on["test/acc"]) == (off["test/loss"], off["test/acc"])
+    measured = [r for r in on_records if "diag/gdv" in r]
+    assert [r["step"] for r in measured] == [0, 1, 2, 3]
+    assert {"gap/acc", "gap/loss"} <= set(off) and on["gap/acc"] == off["gap/acc"]
+    assert {"test/ece", "mc/test_acc", "mc/test_nll", "mc/test_ece"} <= set(on)
+    assert not {"test/ece", "mc/test_acc"} & set(off)
+    assert (folder / "reliability.png").stat().st_size > 5000
+    # The run ends at rate 0 (early dropout): the MC prediction is the deterministic one.
+    assert on["mc/test_acc"] == on["test/acc"] and on["mc/test_nll"] == pytest.approx(on["test/loss"], rel=1e-5)
