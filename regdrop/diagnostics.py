@@ -612,6 +612,13 @@ class Diagnostics:
                 dataset = self.loader.dataset
                 yield default_collate([dataset[int(i)] for i in index])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The initial weights behind ``diag/weight_distance``: a resumed run must keep them."""
+        return {"initial": [t.clone() for t in self.initial]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.initial = [t.clone() for t in state["initial"]]
+
     # -- evaluation ----------------------------------------------------------------------
 
     def evaluate(self, model: nn.Module, test_loader: Iterable[Batch] | DataLoader,
