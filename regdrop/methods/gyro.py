@@ -123,13 +123,37 @@ def gyro_dropout(
         raise ValueError(
             f"gyro masks have {width} features but the input has {x.shape[axis]} along axis {axis}"
         )
+    return _multiply_sub_batches(x, masks.to(device=x.device, dtype=x.dtype), axis, shard)
+
+
+def _multiply_sub_batches(
+    x: torch.Tensor, masks: torch.Tensor, axis: int, shard: tuple[int, int]
+) -> torch.Tensor:
+    """``x`` times the mask row of each of its samples (see `gyro_dropout`), as one broadcast
+    multiply whenever the sub-batches fall on whole groups of samples.
+
+    With ``size = B * W / tau`` samples per sub-batch (the usual ``B % tau == 0`` on one
+    process): if ``size`` divides ``B``, ``x`` is viewed as ``B/size x size x ...`` and
+    multiplied by its ``B/size`` consecutive rows; if ``B`` divides ``size``, the whole
+    slice uses one row. No per-sample mask is built, and the backward is one multiply.
+    Otherwise (uneven sub-batches) each sample's row is gathered into a ``B x d`` mask.
+    """
     batch = x.shape[0]
+    tau, width = masks.shape
     rank, world_size = shard
-    which = (torch.arange(batch, device=x.device) + rank * batch) * tau // (batch * world_size)
-    per_sample = masks.to(device=x.device, dtype=x.dtype)[which]
-    shape = [batch] + [1] * (x.dim() - 1)
+    total = batch * world_size
+    shape = [1] * x.dim()
     shape[axis] = width
-    return x * per_sample.view(shape)
+    if total and total % tau == 0:
+        size, first = total // tau, rank * batch
+        if batch % size == 0:  # then ``first`` is a multiple of ``size`` too
+            start, count = first // size, batch // size
+            groups = x.unflatten(0, (count, size))
+            return (groups * masks[start : start + count].view(count, *shape)).flatten(0, 1)
+        if size % batch == 0:  # the slice lies inside one sub-batch
+            return x * masks[first // size].view(shape)
+    which = (torch.arange(batch, device=x.device) + rank * batch) * tau // total
+    return x * masks[which].view(batch, *shape[1:])
 
 
 def _batch_free_axis(mask_axis: int, ndim: int) -> int:
@@ -259,6 +283,8 @@ class GyroDropout(DropModule):
         self._reset_selection()
         self._step: int | None = None  # the step of the last begin_step, None before any
         self._ready = False  # bank drawn, period known, a step begun: see forward
+        # (key, masks) of the last eager training forward: see `_cached_masks`.
+        self._mask_cache: tuple[tuple, torch.Tensor] | None = None
         if width is not None:
             self._draw_bank(width, torch.device("cpu"))
         if total_steps is not None:
@@ -356,7 +382,40 @@ class GyroDropout(DropModule):
         # the step or the period (integer attributes) and recompile every step.
         if not self._ready:
             self._prepare(x)
-        return gyro_dropout(x, self.masks(), self.mask_axis, self.shard)
+        if torch.compiler.is_compiling():
+            # Traced: the masks come from the rate tensor inside the graph (no recompiles).
+            return gyro_dropout(x, self.masks(), self.mask_axis, self.shard)
+        axis = _batch_free_axis(self.mask_axis, x.dim())
+        if x.shape[axis] != self.width:
+            raise ValueError(
+                f"gyro masks have {self.width} features but the input has {x.shape[axis]} "
+                f"along axis {axis}"
+            )
+        return _multiply_sub_batches(x, self._cached_masks(x), axis, self.shard)
+
+    def _cached_masks(self, x: torch.Tensor) -> torch.Tensor:
+        """The active masks at the rate in force, scaled, in ``x``'s dtype and device.
+
+        They change only when the rate, the selection or the bank does, so eager forwards
+        reuse them: the key holds those buffers and their version counters (bumped by every
+        in-place change: `set_rate_factor`, a new selection, ``load_state_dict``), and a new
+        buffer object (``.to(device)``, a redrawn bank) is a new key.
+        """
+        buffers = (self.rate, self.selection, self.scores)
+        try:
+            key = (*buffers, *(b._version for b in buffers), x.dtype, x.device, self.scaling)
+        except RuntimeError:  # inference-mode tensors carry no version counter
+            return self.masks().to(device=x.device, dtype=x.dtype)
+        cached = self._mask_cache
+        if cached is None or len(cached[0]) != len(key) or not all(
+            a is b if isinstance(a, torch.Tensor) else a == b
+            for a, b in zip(cached[0], key, strict=True)
+        ):
+            with torch.no_grad():
+                masks = self.masks().to(device=x.device, dtype=x.dtype)
+            cached = (key, masks)
+            self._mask_cache = cached
+        return cached[1]
 
     def _prepare(self, x: torch.Tensor) -> None:
         """First training forward: check the period, draw a lazy bank, select period 0."""
