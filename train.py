@@ -8,9 +8,11 @@ import hydra
 from omegaconf import DictConfig
 
 from regdrop.cli import help_text, run
+from regdrop.runfolder import register_resolvers
 
 # Run folders and data live under the project root, wherever train.py is called from.
 os.environ.setdefault("REGDROP_ROOT", str(Path(__file__).resolve().parent))
+register_resolvers()  # ${regdrop_run:} and ${regdrop_sweep:}: run folders named by the config
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

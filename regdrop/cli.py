@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -24,17 +26,74 @@ GROUPS = ("data", "model", "dropout", "schedule", "optim", "lr", "trainer", "log
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Train ``cfg``; return the metric sweepers optimise (``optimized_metric``)."""
-    from regdrop.train import train  # imported here so `--help` and `--cfg` stay fast
+    """Train ``cfg``; return the metric sweepers optimise (``optimized_metric``).
+
+    A `ConfigError` is one paragraph on stderr and exit status 2 (single run), or, in a
+    multirun, a failed job (the others go on) reported without a traceback: the sweep ends
+    with one line per failed job and exit status 1. A run whose loss stopped being finite
+    exits with status 4. A run folder created for a rejected config is removed again.
+    """
+    from regdrop.train import Diverged, train  # imported here so `--help` and `--cfg` stay fast
 
     try:
         metrics = train(cfg)
-    except ConfigError as err:
-        print(textwrap.fill(f"regdrop: error in {err}", width=100), file=sys.stderr)
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        sys.exit(2)
+    except (ConfigError, Diverged) as err:
+        what = "error in" if isinstance(err, ConfigError) else "stopped:"
+        message = textwrap.fill(f"regdrop: {what} {err}", width=100)
+        print(message, file=sys.stderr)
+        if isinstance(err, ConfigError):
+            _remove_if_empty(Path(cfg.paths.output_dir))
+        if _multirun():
+            raise JobFailed(HydraConfig.get(), message) from None
+        sys.exit(2 if isinstance(err, ConfigError) else 4)
     return metrics[cfg.optimized_metric]  # validate() made sure the run returns it
+
+
+class JobFailed(CompactHydraException):
+    """A multirun job that failed cleanly. Hydra prints a compact exception without a
+    traceback; this one prints every failed job of the sweep, one line each."""
+
+    def __init__(self, hydra_cfg, message: str) -> None:
+        self.sweep_dir = Path(hydra_cfg.sweep.dir)
+        overrides = " ".join(hydra_cfg.overrides.task)
+        line = f"job {hydra_cfg.job.num} ({overrides}): {message.removeprefix('regdrop: ')}".replace("\n", " ")
+        with open(self.sweep_dir / FAILED_JOBS, "a") as f:
+            f.write(f"{time.time():.3f} {line}\n")
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        # Read when Hydra prints it, after every job of the sweep has run.
+        path, launched = self.sweep_dir / FAILED_JOBS, self.sweep_dir / "multirun.yaml"
+        since = launched.stat().st_mtime - 1 if launched.exists() else 0  # this launch's jobs only
+        stamped = [line.split(" ", 1) for line in path.read_text().splitlines()] if path.exists() else []
+        lines = [text for stamp, text in stamped if float(stamp) >= since]
+        return f"regdrop: {len(lines)} job(s) of the sweep failed:\n" + "\n".join(f"  {line}" for line in lines)
+
+    def __reduce__(self):  # joblib / submitit send it back to the sweeping process
+        return (_rebuild_job_failed, (str(self.sweep_dir), self.args[0]))
+
+
+FAILED_JOBS = "failed_jobs.txt"
+
+
+def _rebuild_job_failed(sweep_dir: str, message: str) -> JobFailed:
+    err = JobFailed.__new__(JobFailed)
+    CompactHydraException.__init__(err, message)
+    err.sweep_dir = Path(sweep_dir)
+    return err
+
+
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Hydra creates the run folder before the task runs: a rejected config leaves none."""
+    for path in (folder, folder.parent):
+        try:
+            path.rmdir()  # only succeeds when empty
+        except OSError:
+            return
 
 
 def help_text(conf: Path = CONF) -> str:

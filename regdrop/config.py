@@ -6,12 +6,15 @@ each section through the check half of its builder (``check_data``, ``check_mode
 ``check_logger``), then what only the sections together decide: the model is built on
 PyTorch's ``meta`` device (shapes, no memory, no data) for the data's image size and
 classes, and the method is installed into it, so a method the model cannot take, or a
-hyper-parameter that does not fit it, is found before anything real happens.
+hyper-parameter that does not fit it, is found before anything real happens. Last, the
+run's length: a schedule cutoff or warm-up beyond the run, gyro's ``tau`` above the batch.
+Doubtful but legal choices (``sigma`` not a multiple of ``tau``) become one-line warnings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig
@@ -22,14 +25,15 @@ from regdrop.errors import ConfigError, check_keys
 from regdrop.methods import apply_method, check_method
 from regdrop.models import build_model, check_model
 from regdrop.optim import check_lr, check_optim
+from regdrop.report.table import check_table
 from regdrop.runtime import check_seed, check_trainer
-from regdrop.schedules import check_schedule
+from regdrop.schedules import DropSchedule, check_schedule, epochs_to_steps, steps_per_epoch
 from regdrop.tracking import check_logger
 
 TOP_LEVEL_KEYS = {
     "task_name", "seed", "tags", "optimized_metric",
     "data", "model", "dropout", "schedule", "optim", "lr", "trainer", "logger", "paths",
-    "diagnostics",
+    "diagnostics", "table",
 }
 # Summary keys a sweeper may optimise (`optimized_metric`): what `train` returns.
 OPTIMIZABLE = ("best/test_acc", "test/acc", "test/loss", "train/loss")
@@ -37,9 +41,10 @@ OPTIMIZABLE = ("best/test_acc", "test/acc", "test/loss", "train/loss")
 
 @dataclass(frozen=True)
 class Checked:
-    """What validation learnt on the way: the data's shape."""
+    """What validation learnt on the way: the data's shape, and warnings for the run."""
 
     info: DataInfo
+    warnings: list[str] = field(default_factory=list)
 
 
 def validate(cfg: DictConfig) -> Checked:
@@ -58,8 +63,49 @@ def validate(cfg: DictConfig) -> Checked:
     check_trainer(cfg.trainer)
     check_logger(cfg.logger)
     check_diagnostics(cfg.diagnostics)
+    check_table(cfg.get("table"))
     info = data_info(cfg.data)
     with torch.device("meta"):
         model = build_model(cfg.model, info)
-    apply_method(model, cfg.dropout, seed=cfg.seed)
-    return Checked(info)
+    report = apply_method(model, cfg.dropout, seed=cfg.seed)
+    return Checked(info, check_run_length(cfg, info, report.options))
+
+
+def check_run_length(cfg: DictConfig, info: DataInfo, method: dict) -> list[str]:
+    """What only the run's length decides; returns warnings for doubtful choices."""
+    warnings = []
+    batch, accum = cfg.data.batch_size, cfg.trainer.grad_accum
+    if cfg.dropout.name == "gyro" and method.get("tau", 0) > batch:
+        raise ConfigError("dropout.tau", f"{method['tau']} sub-batches do not fit a batch of {batch} "
+                          f"(data.batch_size): {method['tau'] - batch} active masks would get no sample; "
+                          f"use tau <= {batch}")
+    if cfg.dropout.name == "gyro" and method.get("sigma", 0) % max(method.get("tau", 1), 1):
+        warnings.append(f"gyro sigma={method['sigma']} is not a multiple of tau={method['tau']}: "
+                        "periods straddle two permutations of the bank (see docs/methods.md)")
+    if not info.num_train:  # ImageNet: the size is known once its folders are listed
+        return warnings
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_epoch = steps_per_epoch(info.num_train, batch, accum, world_size)
+    if per_epoch < 1:
+        raise ConfigError("data.batch_size", f"{info.num_train} training images give no optimizer step per "
+                          f"epoch at batch {batch} x grad_accum {accum} x {world_size} process(es)")
+    total = per_epoch * cfg.trainer.epochs
+    if cfg.trainer.max_steps is not None:
+        total = min(total, cfg.trainer.max_steps)
+    schedule = DropSchedule.from_config(cfg.schedule, per_epoch)
+    key = "schedule.warmup_epochs" if schedule.name == "warmup" else "schedule.cutoff_epoch"
+    beyond = {"early": schedule.steps > total, "late": schedule.steps >= total, "warmup": schedule.steps > total}
+    if beyond.get(schedule.name):
+        what = {"early": "the early-dropout ramp would never reach 0", "late": "late dropout would never "
+                "switch on", "warmup": "the warm-up would never reach the peak"}[schedule.name]
+        limit = "fewer than" if schedule.name == "late" else "at most"
+        raise ConfigError(key, f"{cfg.schedule.get(key.split('.')[1])} epochs ({schedule.steps} steps) lies "
+                          f"beyond the run's {total} steps ({per_epoch} per epoch): {what}; give {limit} "
+                          f"{total / per_epoch:g} epochs")
+    if cfg.lr.name == "cosine" and epochs_to_steps(cfg.lr.warmup_epochs, per_epoch) > total:
+        raise ConfigError("lr.warmup_epochs", f"{cfg.lr.warmup_epochs} epochs of warm-up exceed the run's "
+                          f"{cfg.trainer.epochs} epochs ({total} steps)")
+    if cfg.dropout.name == "gyro" and total < method["sigma"] // max(method["tau"], 1):
+        warnings.append(f"gyro: {total} steps are fewer than sigma/tau = {method['sigma'] // method['tau']} "
+                        "periods: part of the bank is never trained")
+    return warnings

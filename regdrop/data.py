@@ -294,6 +294,7 @@ def build_data(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
     )
     test = TensorLoader(
         test_x, test_y, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=mean, std=std,
+        rank=rank, world_size=world_size,
     )
     return Data(info, train, test)
 
@@ -408,7 +409,7 @@ def _imagenet(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Data:
     workers = cfg.num_workers
     # Seeded, sharded order: epoch e's permutation depends only on (seed, e), and rank r
     # reads every world_size-th sample of it. `set_epoch` moves it on each epoch.
-    sampler = DistributedSampler(
+    sampler = ResumableSampler(
         train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
     train = DataLoader(
@@ -420,9 +421,29 @@ def _imagenet(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Data:
     return Data(info, train, test)
 
 
-def set_epoch(loader: TensorLoader | DataLoader, epoch: int) -> None:
-    """Make ``loader``'s next pass epoch ``epoch`` (its order depends on the epoch alone)."""
+class ResumableSampler(DistributedSampler):
+    """torch's `DistributedSampler` (seeded, sharded, one order per epoch) that can start an
+    epoch at a given sample, so a resumed run skips the batches it did without loading them."""
+
+    start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start :]
+        self.start = 0
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def set_epoch(loader: TensorLoader | DataLoader, epoch: int, position: int = 0) -> None:
+    """Make ``loader``'s next pass epoch ``epoch`` (its order depends on the epoch alone),
+    starting at its batch ``position`` (a resumed run)."""
     if isinstance(loader, TensorLoader):
-        loader.set_epoch(epoch)
-    elif isinstance(getattr(loader, "sampler", None), DistributedSampler):
-        loader.sampler.set_epoch(epoch)
+        loader.set_epoch(epoch, position)
+    elif isinstance(getattr(loader, "sampler", None), ResumableSampler):
+        loader.sampler.set_epoch(epoch, position * loader.batch_size)

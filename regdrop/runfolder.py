@@ -45,6 +45,7 @@ RUNTIME_KEYS = (
     "trainer.compile", "trainer.compile_backend", "trainer.deterministic",
     "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
 )
+_HELD: dict[str, Any] = {}  # run folders this process holds (path -> locked file)
 RESULT_FILES = ("metrics.json", "metrics.jsonl", "run.json", CHECKPOINT, "best.pt", "surgery.txt",
                 "train.log", "drop_schedule.png", "environment.json", ".hydra", "wandb")
 
@@ -160,11 +161,16 @@ class RunFolder:
 
     def release(self) -> None:
         if self._lock is not None:
+            _HELD.pop(str(self.path.resolve()), None)
             self._lock.close()
             self._lock = None
 
     def _claim(self) -> None:
+        key = str(self.path.resolve())
+        if key in _HELD:  # this process held it in a run that ended with an error: take it back
+            _HELD.pop(key).close()
         self._lock = open(self.path / ".lock", "a+")  # noqa: SIM115
+        _HELD[key] = self._lock
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

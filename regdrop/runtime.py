@@ -66,6 +66,14 @@ class Runtime:
             torch.distributed.all_reduce(tensor)
         return tensor
 
+    def gather(self, value) -> list:
+        """Every rank's ``value``, by rank (a one-item list on one process)."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.world_size
+        torch.distributed.all_gather_object(values, value)
+        return values
+
     def broadcast(self, value):
         """Rank 0's ``value`` on every rank (any picklable object)."""
         if not self.distributed:

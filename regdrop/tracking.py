@@ -6,8 +6,14 @@
   written, so a killed run keeps every step it logged;
 * ``metrics.json``: the final summary, written when the run ends well;
 * ``train.log``: everything the run printed (`RunTracker.print`);
-* ``run.json``: the run's status (``running``, ``finished``, ``failed``, ``interrupted``),
-  process id, host and times, so a reader can tell a finished run from a killed one.
+* ``run.json``: the run's status (``running``, ``finished``, ``failed``, ``preempted``,
+  ``interrupted``, ``diverged``), process id, host and times, so a reader can tell a
+  finished run from a killed one (``running`` with a dead process).
+
+A resumed run cuts ``metrics.jsonl`` back to what its checkpoint covers (so every step
+appears once) and continues its wandb run (same id). Under data parallelism only rank 0
+writes (``enabled=False`` elsewhere). A failing logger (the wandb service dying) is a
+warning, never the end of the run: the metrics files are written whatever happens to it.
 
 wandb runs offline by default (no account, no network) inside the run folder;
 ``WANDB_MODE`` in the environment wins over ``logger.mode``. Each Hydra job gets its own
@@ -25,6 +31,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,30 +62,51 @@ def check_logger(logger) -> None:
 class RunTracker:
     """The run folder's files, wandb, and the console, opened and closed with the run."""
 
-    def __init__(self, output_dir: Path, cfg: DictConfig) -> None:
+    def __init__(self, output_dir: Path, cfg: DictConfig, *, enabled: bool = True,
+                 metrics_bytes: int | None = None, wandb_id: str | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.cfg = cfg
+        self.enabled = enabled
         self.wandb_run = None
         self._jsonl = self._log = None
         self._status: dict[str, Any] = {}
+        self._metrics_bytes, self._wandb_id = metrics_bytes, wandb_id
 
     def __enter__(self) -> RunTracker:
+        if not self.enabled:
+            return self
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.output_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        metrics = self.output_dir / "metrics.jsonl"
+        if self._metrics_bytes is not None and metrics.exists():
+            with open(metrics, "r+b") as f:  # a resume: drop what the checkpoint does not cover
+                f.truncate(self._metrics_bytes)
+        self._jsonl = open(metrics, "a", buffering=1)  # noqa: SIM115
         self._log = open(self.output_dir / "train.log", "a", buffering=1)  # noqa: SIM115
         now = _now()
         self._status = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
                         "started": now, "updated": now}
         self._write_status()
         if self.cfg.logger.name == "wandb":
-            self.wandb_run = _start_wandb(self.output_dir, self.cfg)
+            try:
+                self.wandb_run = _start_wandb(self.output_dir, self.cfg, self._wandb_id)
+            except Exception as err:  # noqa: BLE001 - a logger never stops a run
+                self._logger_failed(err)
         return self
 
     def __exit__(self, kind, err, traceback) -> None:
         if kind is None:
             self.finish(None)
+        elif issubclass(kind, KeyboardInterrupt):
+            self._close("interrupted", exit_code=255)
         else:
-            self._close("interrupted" if issubclass(kind, KeyboardInterrupt) else "failed", exit_code=1)
+            self._close(getattr(err, "run_status", "failed"), exit_code=1)
+
+    def metrics_bytes(self) -> int:
+        """The length of metrics.jsonl now (a checkpoint covers this much of it)."""
+        if self._jsonl is None:
+            return 0
+        self._jsonl.flush()
+        return self._jsonl.tell()
 
     @property
     def run_id(self) -> str | None:
@@ -86,37 +114,51 @@ class RunTracker:
 
     def print(self, message: str) -> None:
         """A line for the user: on the console and in the run folder's ``train.log``."""
+        if not self.enabled:
+            return
         print(message, flush=True)
         if self._log is not None:
             self._log.write(message + "\n")
 
+    def warn(self, message: str) -> None:
+        """A one-line warning: on stderr and in ``train.log``."""
+        if not self.enabled:
+            return
+        print(f"regdrop: warning: {message}", file=sys.stderr, flush=True)
+        if self._log is not None:
+            self._log.write(f"warning: {message}\n")
+
     def log(self, record: dict[str, Any], step: int) -> None:
         """One record: a line of metrics.jsonl and a wandb log call at ``step``."""
+        if self._jsonl is None:
+            return
         self._jsonl.write(json.dumps(_clean(record)) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        self._wandb(lambda run: run.log({k: v for k, v in record.items() if k != "step"}, step=step))
 
     def heartbeat(self) -> None:
         """Mark the run alive now (``run.json``'s ``updated``)."""
-        self._status["updated"] = _now()
-        self._write_status()
+        if self._status:
+            self._status["updated"] = _now()
+            self._write_status()
 
     def write_text(self, name: str, text: str) -> Path:
         """A text file in the run folder (the surgery report, say)."""
         path = self.output_dir / name
-        path.write_text(text if text.endswith("\n") else text + "\n")
+        if self.enabled:
+            path.write_text(text if text.endswith("\n") else text + "\n")
         return path
 
     def log_config_extra(self, values: dict[str, Any]) -> None:
         """Facts found at run time (surgery report, steps per epoch): into the wandb config."""
-        if self.wandb_run is not None:
-            self.wandb_run.config.update(values, allow_val_change=True)
+        self._wandb(lambda run: run.config.update(values, allow_val_change=True))
 
     def log_image(self, key: str, path: Path, step: int = 0) -> None:
-        if self.wandb_run is not None:
+        def log(run):
             import wandb
 
-            self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
+            run.log({key: wandb.Image(str(path))}, step=step)
+
+        self._wandb(log)
 
     def finish(self, summary: dict[str, Any] | None) -> None:
         """Write metrics.json (when the run has a summary) and close everything."""
@@ -125,19 +167,43 @@ class RunTracker:
         if summary is not None:
             with open(self.output_dir / "metrics.json", "w") as f:
                 json.dump(_clean(summary), f, indent=2)
-            if self.wandb_run is not None:
+
+            def record(run):
                 for key, value in summary.items():
-                    self.wandb_run.summary[key] = value
+                    run.summary[key] = value
+
+            self._wandb(record)
         self._close("finished", exit_code=0)
+
+    def preempted(self, status: str = "preempted") -> None:
+        """Close as stopped on request: wandb marked preempting, ``run.json`` says so."""
+        self._wandb(lambda run: run.mark_preempting())
+        self._close(status, exit_code=0)
+
+    def _wandb(self, call) -> None:
+        if self.wandb_run is None:
+            return
+        try:
+            call(self.wandb_run)
+        except Exception as err:  # noqa: BLE001 - a logger never stops a run
+            self._logger_failed(err)
+
+    def _logger_failed(self, err: Exception) -> None:
+        self.wandb_run = None
+        self.warn(f"wandb failed ({type(err).__name__}: {err}); training goes on, metrics go to "
+                  "metrics.jsonl and metrics.json only")
 
     def _close(self, status: str, exit_code: int) -> None:
         if self._jsonl is None:
             return
         self._jsonl.close()
         self._jsonl = None
-        if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=exit_code)
-            self.wandb_run = None
+        run, self.wandb_run = self.wandb_run, None
+        if run is not None:
+            try:
+                run.finish(exit_code=exit_code)
+            except Exception as err:  # noqa: BLE001
+                self.warn(f"wandb could not finish its run ({type(err).__name__}: {err})")
         self._status.update(status=status, updated=_now())
         self._write_status()
         self._log.close()
@@ -168,10 +234,13 @@ class StepLog:
     reads all of them with one host transfer, writes one metrics.jsonl record per step
     (``step``, ``epoch``, ``train/loss``, ``train/acc``, ``lr``, ``train/drop_rate``,
     ``samples_per_s``: the throughput of the flushed window) and returns the values.
+    Under data parallelism (``all_reduce_sum``: a sum over the ranks, in place) the values
+    are the global batch's: the mean loss over ranks, the correct and sample counts summed.
     """
 
-    def __init__(self, tracker: RunTracker, every: int) -> None:
+    def __init__(self, tracker: RunTracker, every: int, all_reduce_sum=None, world_size: int = 1) -> None:
         self.tracker, self.every = tracker, every
+        self.all_reduce_sum, self.world_size = all_reduce_sum, world_size
         self._pending: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, int]] = []
         self._window_start = time.perf_counter()
 
@@ -189,11 +258,14 @@ class StepLog:
         if not self._pending:
             return values
         stacked = torch.stack([torch.stack([loss.float(), correct.float()]) for _, loss, correct, _ in self._pending])
+        if self.all_reduce_sum is not None and self.world_size > 1:
+            self.all_reduce_sum(stacked)
+            stacked[:, 0] /= self.world_size
         read = stacked.tolist()  # the one host read of the window
         values.seconds = time.perf_counter() - self._window_start
-        throughput = sum(s for *_, s in self._pending) / max(values.seconds, 1e-9)
+        throughput = sum(s for *_, s in self._pending) * self.world_size / max(values.seconds, 1e-9)
         for (record, _, _, samples), (loss, correct) in zip(self._pending, read, strict=True):
-            correct = round(correct)
+            correct, samples = round(correct), samples * self.world_size
             self.tracker.log({**record, "train/loss": loss, "train/acc": correct / samples,
                               "samples_per_s": throughput}, step=record["step"])
             values.steps.append(record["step"])
@@ -206,11 +278,13 @@ class StepLog:
         return values
 
 
-def _start_wandb(output_dir: Path, cfg: DictConfig):
+def _start_wandb(output_dir: Path, cfg: DictConfig, run_id: str | None = None):
     import wandb
 
     logger = cfg.logger
     return wandb.init(
+        id=run_id,
+        resume="allow" if run_id else None,
         project=logger.project,
         entity=logger.entity,
         group=logger.group,

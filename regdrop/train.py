@@ -5,6 +5,9 @@ is `train_step`, one evaluation `evaluate`. Hydra lives only in `regdrop.cli`.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,9 +16,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from regdrop.checkpoint import TrainState
+from regdrop.checkpoint import (
+    BEST,
+    CHECKPOINT,
+    TrainState,
+    load_checkpoint,
+    rng_state,
+    save_atomically,
+    set_rng_state,
+)
 from regdrop.config import validate
 from regdrop.data import build_data, set_epoch
 from regdrop.diagnostics import Diagnostics, train_test_gap
@@ -23,6 +35,7 @@ from regdrop.errors import ConfigError
 from regdrop.methods import (
     apply_method,
     begin_step,
+    has_unused_parameters,
     peak_rate,
     predictions,
     setup_run,
@@ -31,6 +44,8 @@ from regdrop.methods import (
 from regdrop.models import build_model
 from regdrop.optim import build_lr_schedule, build_optimizer
 from regdrop.plots import plot_schedules
+from regdrop.preemption import Preemption
+from regdrop.runfolder import RunFolder, config_hash
 from regdrop.runtime import Runtime, setup_runtime
 from regdrop.schedules import DropSchedule, steps_per_epoch
 from regdrop.tracking import RunTracker, StepLog
@@ -38,21 +53,28 @@ from regdrop.tracking import RunTracker, StepLog
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate the configured model; write the run folder; return the summary."""
-    validate(cfg)  # every check, before any data is read or any model built
+    checked = validate(cfg)  # every check, before any data is read or any model built
     trainer, output_dir = cfg.trainer, Path(cfg.paths.output_dir)
     runtime = setup_runtime(trainer, cfg.seed)
-    data = build_data(cfg.data, seed=cfg.seed)
+    folder = RunFolder(output_dir, cfg)
+    decision = runtime.broadcast(folder.open(trainer.resume, trainer.rerun) if runtime.is_main else None)
+    if decision.action == "finished":
+        print(f"regdrop: {output_dir} holds a finished run of this config (test/acc "
+              f"{decision.summary.get('test/acc')}); not run again (trainer.rerun=true to rerun it)")
+        return decision.summary
+    if runtime.is_main and decision.action == "fresh":
+        folder.write_config()
+    data = build_data(cfg.data, seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size)
     model = build_model(cfg.model, data.info)
     report = apply_method(model, cfg.dropout, seed=cfg.seed)  # surgery before wrapping or compiling
-    per_epoch, total_steps = run_length(cfg, data.info.num_train)
+    runtime.seed_per_rank(cfg.seed)
+    per_epoch, total_steps = run_length(cfg, data.info.num_train, runtime.world_size)
     schedule = DropSchedule.from_config(cfg.schedule, per_epoch)
     model.to(runtime.device)
-    setup_run(model, total_steps)
+    setup_run(model, total_steps, runtime.rank, runtime.world_size)
     optimizer = build_optimizer(cfg.optim, model)
     parts = StepParts(
-        model=model,
-        net=torch.compile(model, backend=trainer.compile_backend) if trainer.compile else model,
-        optimizer=optimizer,
+        model=model, net=model, optimizer=optimizer,
         lr_schedule=build_lr_schedule(cfg.lr, optimizer, per_epoch, total_steps),
         scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.autocast_dtype is torch.float16),
         runtime=runtime, grad_accum=trainer.grad_accum, grad_clip=trainer.grad_clip,
@@ -61,57 +83,56 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Off by default; on, it measures without changing training (docs/diagnostics.md).
     diagnostics = Diagnostics(cfg.diagnostics, model, data, seed=cfg.seed,
                               batch_size=cfg.data.batch_size * trainer.grad_accum)
+    resumed = restore(decision.checkpoint, parts, state, diagnostics) if decision.action == "resume" else {}
+    parts.net = wrap(model, runtime, trainer)
 
-    with RunTracker(output_dir, cfg) as tracker:
-        parameters = sum(p.numel() for p in model.parameters())
-        tracker.print(f"regdrop: {cfg.model.name} ({parameters / 1e6:.2f}M parameters) on {data.info.name}, "
-                      f"{runtime.device}, batch {cfg.data.batch_size} x {trainer.grad_accum} micro-batches, "
-                      f"{per_epoch} steps/epoch, {total_steps} steps")
-        tracker.print(f"method: {report.describe_method()}")
-        tracker.print(f"surgery: {report.summary()} (surgery.txt)")
-        tracker.print(f"drop rate: peak {peak:g}, schedule {schedule.describe()}")
-        tracker.write_text("surgery.txt", "\n".join(report.lines()))
-        tracker.log_config_extra({"surgery": report.counts(), "method_options": report.options,
-                                  "steps_per_epoch": per_epoch, "total_steps": total_steps,
-                                  "parameters": parameters, "device": str(runtime.device)})
-        plot = plot_schedules([(schedule.name, schedule)], peak, total_steps, per_epoch,
-                              output_dir / "drop_schedule.png", title=f"{cfg.dropout.name}: {schedule.describe()}")
-        tracker.log_image("drop_schedule", plot)
-
-        step_log = StepLog(tracker, trainer.log_every)
+    with RunTracker(output_dir, cfg, enabled=runtime.is_main, metrics_bytes=resumed.get("metrics_bytes"),
+                    wandb_id=resumed.get("wandb_run_id")) as tracker, Preemption() as preemption:
+        announce(tracker, cfg, data, model, report, checked, runtime, per_epoch, total_steps, schedule, state)
+        step_log = StepLog(tracker, trainer.log_every, runtime.all_reduce_sum, runtime.world_size)
         run_start = time.perf_counter()
-        for epoch in range(1, trainer.epochs + 1):
+        for epoch in range(state.next_epoch(), trainer.epochs + 1):
             state.begin_epoch(epoch)
-            set_epoch(data.train, epoch - 1)
+            set_epoch(data.train, epoch - 1, state.epoch_steps * trainer.grad_accum)
             batches = iter(data.train)
-            steps_this_epoch = min(per_epoch, total_steps - state.step)
+            steps_this_epoch = min(per_epoch - state.epoch_steps, total_steps - state.step)
             # disable=None: no bar when stderr is not a terminal (batch jobs, SLURM logs).
             bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch}/{trainer.epochs}", leave=False,
-                       disable=None if trainer.progress else True, dynamic_ncols=True)
+                       disable=None if trainer.progress and runtime.is_main else True, dynamic_ncols=True)
             step_log.start_window()
             for _ in range(steps_this_epoch):
                 factor = schedule.factor(state.step)
-                if diagnostics.due(state.step):  # before the step; not counted as training time
+                if diagnostics.due(state.step) and runtime.is_main:  # not counted as training time
                     show(bar, state, step_log.flush())
                     tracker.log({"step": state.step, "epoch": epoch,
                                  **diagnostics.measure(state.step, model, factor=factor)}, step=state.step)
                     step_log.start_window()
                 out = train_step(parts, batches, state.step, factor)
                 record = {"step": state.step, "epoch": epoch, "lr": out.lr, "train/drop_rate": peak * factor}
-                state.step += 1
+                state.step, state.epoch_steps = state.step + 1, state.epoch_steps + 1
                 if step_log.add(record, out.loss, out.correct, out.samples):
                     show(bar, state, step_log.flush())
+                stop = runtime.broadcast(preemption.requested)
+                if stop or (trainer.checkpoint_every and state.step % trainer.checkpoint_every == 0):
+                    show(bar, state, step_log.flush())
+                    checkpoint(output_dir, parts, state, tracker, diagnostics, cfg)
+                if stop:
+                    tracker.preempted("interrupted" if preemption.signal == signal.SIGINT else "preempted")
+                    preemption.stop()
             show(bar, state, step_log.flush())
             bar.close()
             epoch_means = state.end_epoch()
             last = epoch == trainer.epochs or state.step >= total_steps
+            best = False
             if epoch % trainer.eval_every == 0 or last:
                 test = evaluate(parts.net, data.test, runtime, trainer.eval_batches)
-                state.record_eval(test)
+                best = state.record_eval(test)
                 tracker.log({"step": state.step, "epoch": epoch, **test, "best/test_acc": state.best_acc,
                              **epoch_means}, step=state.step)
                 tracker.print(f"epoch {epoch}: train/loss {state.epoch_loss:.4f}  test/loss {test['test/loss']:.4f}  "
                               f"test/acc {test['test/acc']:.4f}  best {state.best_acc:.4f}")
+            state.epoch_finished = True
+            checkpoint(output_dir, parts, state, tracker, diagnostics, cfg, best=best and trainer.keep_best)
             if last:
                 break
 
@@ -119,25 +140,115 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "train/loss": state.epoch_loss, **state.last_eval, "best/test_acc": state.best_acc,
             "epoch": state.epoch, "step": state.step, "wall_time_s": time.perf_counter() - run_start,
             "train_time_s": state.train_time, "samples_per_s": state.train_samples / max(state.train_time, 1e-9),
-            "wandb_run_id": tracker.run_id, **train_test_gap(epoch_means, state.last_eval),
-            **diagnostics.evaluate(model, data.test, output_dir, trainer.eval_batches),
+            "wandb_run_id": tracker.run_id, **train_test_gap(state.epoch_means, state.last_eval),
+            **(diagnostics.evaluate(model, data.test, output_dir, trainer.eval_batches) if runtime.is_main else {}),
         }
         tracker.print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in summary.items()))
         tracker.print(f"run folder: {output_dir}")
         tracker.finish(summary)
+    folder.release()
+    runtime.close()
     return summary
 
 
-def run_length(cfg: DictConfig, num_train: int) -> tuple[int, int]:
+class Diverged(RuntimeError):
+    """The loss (or a weight) stopped being finite; the last good checkpoint is kept."""
+
+    run_status = "diverged"
+
+    def __init__(self, step: int, output_dir: Path | None = None) -> None:
+        self.step = step
+        where = f"; the last good checkpoint is {output_dir / CHECKPOINT}" if output_dir else ""
+        super().__init__(f"the training loss is not finite at optimizer step {step}{where}. "
+                         "Lower optim.lr, clip gradients (trainer.grad_clip) or check the data.")
+
+
+def announce(tracker, cfg, data, model, report, checked, runtime, per_epoch, total_steps, schedule, state) -> None:
+    """The run's header: what trains on what, the method and its surgery, the schedule."""
+    parameters = sum(p.numel() for p in model.parameters())
+    batch = cfg.data.batch_size
+    tracker.print(f"regdrop: {cfg.model.name} ({parameters / 1e6:.2f}M parameters) on {data.info.name}, "
+                  f"{runtime.device} x {runtime.world_size} process(es), batch {batch} per process x "
+                  f"{cfg.trainer.grad_accum} micro-batches = {batch * runtime.world_size * cfg.trainer.grad_accum} "
+                  f"global, {per_epoch} steps/epoch, {total_steps} steps")
+    if state.step:
+        tracker.print(f"resumed at optimizer step {state.step} (epoch {state.next_epoch()})")
+    tracker.print(f"method: {report.describe_method()}")
+    tracker.print(f"surgery: {report.summary()} (surgery.txt)")
+    tracker.print(f"drop rate: peak {peak_rate(model):g}, schedule {schedule.describe()}")
+    for warning in checked.warnings:
+        tracker.warn(warning)
+    tracker.write_text("surgery.txt", "\n".join(report.lines()))
+    tracker.log_config_extra({"surgery": report.counts(), "method_options": report.options,
+                              "steps_per_epoch": per_epoch, "total_steps": total_steps,
+                              "parameters": parameters, "device": str(runtime.device),
+                              "world_size": runtime.world_size})
+    if runtime.is_main:
+        plot = plot_schedules([(schedule.name, schedule)], peak_rate(model), total_steps, per_epoch,
+                              tracker.output_dir / "drop_schedule.png",
+                              title=f"{cfg.dropout.name}: {schedule.describe()}")
+        tracker.log_image("drop_schedule", plot)
+
+
+def wrap(model: torch.nn.Module, runtime: Runtime, trainer: DictConfig):
+    """The module the steps call: DDP around the model under data parallelism (told of
+    skipped branches), compiled when asked."""
+    net = model
+    if runtime.distributed:
+        devices = [runtime.device] if runtime.device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=devices,
+                                      find_unused_parameters=has_unused_parameters(model))
+    return torch.compile(net, backend=trainer.compile_backend) if trainer.compile else net
+
+
+def checkpoint(output_dir: Path, parts: StepParts, state: TrainState, tracker: RunTracker, diagnostics,
+               cfg: DictConfig, best: bool = False) -> None:
+    """Write the run's checkpoint (rank 0; every rank's random state gathered into it)."""
+    runtime = parts.runtime
+    finite = torch.stack([p.detach().isfinite().all() for p in parts.model.parameters()]).all()
+    if not bool(finite):
+        raise Diverged(state.step, output_dir)
+    rng = runtime.gather(rng_state())
+    if not runtime.is_main:
+        return
+    payload = {
+        "config_hash": config_hash(cfg), "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(), "lr_schedule": parts.lr_schedule.state_dict(),
+        "scaler": parts.scaler.state_dict(), "state": state.state_dict(), "rng": rng,
+        "metrics_bytes": tracker.metrics_bytes(), "wandb_run_id": tracker.run_id,
+        "diagnostics_initial": diagnostics.initial, "world_size": runtime.world_size,
+    }
+    save_atomically(payload, output_dir / CHECKPOINT)
+    if best:
+        save_atomically(payload, output_dir / BEST)
+
+
+def restore(path: Path, parts: StepParts, state: TrainState, diagnostics) -> dict:
+    """Load a checkpoint into the model, optimizer, schedules, scaler, train state, random
+    generators and diagnostics; return what the tracker needs (metrics length, wandb id)."""
+    saved = load_checkpoint(path)
+    parts.model.load_state_dict(saved["model"])
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.lr_schedule.load_state_dict(saved["lr_schedule"])
+    parts.scaler.load_state_dict(saved["scaler"])
+    state.load_state_dict(saved["state"])
+    rank = parts.runtime.rank
+    set_rng_state(saved["rng"][rank if rank < len(saved["rng"]) else 0])
+    if saved.get("diagnostics_initial"):
+        diagnostics.initial = [t.to(parts.runtime.device) for t in saved["diagnostics_initial"]]
+    return saved
+
+
+def run_length(cfg: DictConfig, num_train: int, world_size: int = 1) -> tuple[int, int]:
     """Optimizer steps per epoch and in the whole run (``trainer.max_steps`` caps it)."""
     trainer = cfg.trainer
-    per_epoch = steps_per_epoch(num_train, cfg.data.batch_size, trainer.grad_accum)
+    per_epoch = steps_per_epoch(num_train, cfg.data.batch_size, trainer.grad_accum, world_size)
     if per_epoch < 1:
         raise ConfigError(
             "data.batch_size",
             f"{num_train} training images give no optimizer step per epoch at batch "
-            f"{cfg.data.batch_size} x grad_accum {trainer.grad_accum}",
+            f"{cfg.data.batch_size} x grad_accum {trainer.grad_accum} x {world_size} process(es)",
         )
     total_steps = per_epoch * trainer.epochs
     if trainer.max_steps is not None:
@@ -181,13 +292,17 @@ def train_step(parts: StepParts, batches: Iterator, step: int, factor: float) ->
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     samples = 0
-    for _ in range(parts.grad_accum):
+    for micro in range(parts.grad_accum):
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with parts.runtime.autocast():
-            logits = parts.net(x)
-            loss = training_loss(logits.float(), y, parts.loss_fn)
-        parts.scaler.scale(loss / parts.grad_accum).backward()
+        # Under DDP only the last micro-batch's backward all-reduces the gradients.
+        last = micro == parts.grad_accum - 1
+        sync = contextlib.nullcontext() if last or not hasattr(parts.net, "no_sync") else parts.net.no_sync()
+        with sync:
+            with parts.runtime.autocast():
+                logits = parts.net(x)
+                loss = training_loss(logits.float(), y, parts.loss_fn)
+            parts.scaler.scale(loss / parts.grad_accum).backward()
         loss_sum += loss.detach()
         correct += (predictions(logits.detach()).argmax(-1) == y).sum()
         samples += len(y)
@@ -220,12 +335,17 @@ def evaluate(net, loader, runtime: Runtime, max_batches: int | None = None) -> d
         correct += (logits.argmax(-1) == y).sum()
         count += len(y)
     net.train(was_training)
-    loss, right = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()  # one read
+    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(count), device=runtime.device)])
+    loss, right, count = runtime.all_reduce_sum(totals).tolist()  # one read (each rank: its shard)
     return {"test/loss": loss / count, "test/acc": right / count}
 
 
 def show(bar: tqdm, state: TrainState, values) -> None:
-    """Count a read of the step log into the train state and the progress bar."""
+    """Count a read of the step log into the train state and the progress bar; stop on a
+    loss that is not finite."""
+    for step, loss in zip(values.steps, values.losses, strict=True):
+        if not math.isfinite(loss):
+            raise Diverged(step)
     state.add(values)
     if values.steps:
         bar.update(len(values.steps))
