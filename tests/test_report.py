@@ -129,14 +129,13 @@ def test_a_killed_job_and_a_failed_job_are_marked_in_their_cells(tmp_path):
 
     assert main([str(root)]) == 0
     report = (root / "report.md").read_text()
-    # A failed job keeps its folder (failed before training) or, if the run wrote nothing,
-    # the sweep's multirun.yaml names it missing; either way its cell says so.
-    assert "(1 failed before training)" in table_line(report, "0") or \
-        "(1 missing)" in table_line(report, "0")
+    # The rejected job has no folder (or one without metrics); the sweep's multirun.yaml
+    # names it and failed_jobs.txt holds its error: its cell says so.
+    assert "(1 failed before training)" in table_line(report, "0")
     assert "(1 killed)" in table_line(report, "4")
     problems = report.split("## Missing, failed, killed or still running", 1)[1]
     assert "| 4 | 0 | killed |" in problems and "is gone" in problems
-    assert "| 0 | 0 | failed before training |" in problems or "| 0 | 0 | missing |" in problems
+    assert "| 0 | 0 | failed before training |" in problems
 
 
 def test_a_job_the_sweep_launched_without_a_folder_is_named_missing(sweep, tmp_path):
@@ -357,9 +356,18 @@ def test_missing_jobs_match_by_result_overrides_and_a_bad_multirun_yaml_is_a_not
     finished_job(tmp_path / "2", ["dropout=gyro", "seed=0"], config_of("gyro", 0.5, 0), 0.5)
     jobs = load_jobs([tmp_path])
     missing = missing_jobs(find_sweeps([tmp_path]), jobs)
-    assert [expected for _, expected in missing] == [{"dropout": "gyro", "seed": "1"}]
+    assert [expected.overrides for expected in missing] == [{"dropout": "gyro", "seed": "1"}]
+    assert missing[0].status == "missing"
     report = write_report([tmp_path], figures=False).path.read_text()
     assert "(n=1) — 1 missing" in table_line(report, "gyro")
+
+    # The sweep recorded the job as failed (a rejected config writes no folder).
+    (tmp_path / "failed_jobs.txt").write_text(
+        "1796013105.472 job 3 (dropout=gyro seed=1): error in dropout.tau: tau must be a "
+        "positive integer, got 0\n")
+    report = write_report([tmp_path], figures=False).path.read_text()
+    assert "(n=1) — 1 failed before training" in table_line(report, "gyro")
+    assert "| gyro | 1 | failed before training |" in report and "got 0" in report
 
     (tmp_path / "multirun.yaml").write_text("hydra: {overrides: {task: ['dropout=(']}}")
     report = write_report([tmp_path], figures=False).path.read_text()

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from regdrop.errors import ConfigError
 from regdrop.report.runs import (
     DEFAULT_STALE_S,
+    ExpectedJob,
     Job,
     find_sweeps,
     load_jobs,
@@ -46,7 +47,7 @@ class Report:
     figures: list[Path]
     jobs: list[Job]
     layout: Layout
-    missing: list  # expected jobs with no folder that no cell could take
+    missing: list[ExpectedJob]  # jobs the sweeps launch with no folder and no cell
 
 
 def _table_section(jobs: Sequence[Job], notes: list[str]):
@@ -84,11 +85,11 @@ def write_report(roots: Sequence[str | Path], out: str | Path | None = None, *,
         raise NoRuns(f"no runs in {where} (no job folder with .hydra/config.yaml below it)")
     notes: list[str] = []
     spec = TableSpec.from_section(_table_section(jobs, notes))
-    layout = build_layout(jobs, spec)
     sweeps = find_sweeps(roots)
     notes += [f"`{sweep.root / 'multirun.yaml'}` could not be read ({sweep.error}): the jobs "
               "it launched that have no folder cannot be named." for sweep in sweeps
               if sweep.error]
+    layout = build_layout(jobs, spec, [key for sweep in sweeps for key in sweep.swept])
     missing = place_missing(layout, missing_jobs(sweeps, jobs))
     out_dir = Path(out) if out is not None else roots[0]
     out_dir.mkdir(parents=True, exist_ok=True)

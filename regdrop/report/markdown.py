@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from regdrop.report.runs import FINISHED, Job, Sweep, override_key
+from regdrop.report.runs import FINISHED, ExpectedJob, Job
 from regdrop.report.table import (
     ACCURACY_METRICS,
     METRICS,
@@ -122,17 +122,12 @@ def cell_table(layout: Layout) -> str:
     return markdown_table(header, rows)
 
 
-def _missing_row(label: str, expected: dict[str, str], out: Path,
-                 root: Path | None = None) -> list[str]:
-    seed = next((v for k, v in expected.items() if override_key(k) == "seed"), "")
-    launched = " ".join(f"{k}={v}" for k, v in expected.items())
-    return [label, seed, "missing", "" if root is None else _rel(root, out), "",
-            f"the sweep launches `{launched}`, but no folder holds it (never started, or "
-            "stopped before Hydra wrote its config)"]
+def _missing_row(label: str, expected: ExpectedJob, out: Path) -> list[str]:
+    return [label, expected.seed, expected.status, _rel(expected.sweep.root, out), "",
+            expected.detail]
 
 
-def problem_table(layout: Layout, missing: Sequence[tuple[Sweep, dict[str, str]]],
-                  out: Path) -> str:
+def problem_table(layout: Layout, missing: Sequence[ExpectedJob], out: Path) -> str:
     """Every job that is not in the numbers, and every expected job with no folder (those in
     a cell with the cell, ``missing`` those with no cell)."""
     rows = []
@@ -147,16 +142,15 @@ def problem_table(layout: Layout, missing: Sequence[tuple[Sweep, dict[str, str]]
                          "counts)"])
         for expected in cell.missing:
             rows.append(_missing_row(cell.label, expected, out))
-    for sweep, expected in missing:
-        label = " ".join(f"{override_key(k)}={expected[k]}" for k in sweep.swept) or "?"
-        rows.append(_missing_row(label, expected, out, sweep.root))
+    for expected in missing:
+        rows.append(_missing_row(expected.label(), expected, out))
     if not rows:
         return "Every job finished; every job the sweeps launch has its folder."
     return markdown_table(["cell", "seed", "status", "folder", "last step", "detail"], rows,
                           align=["l", "r", "l", "l", "r", "l"])
 
 
-def render(layout: Layout, jobs: Sequence[Job], missing: Sequence[tuple[Sweep, dict]],
+def render(layout: Layout, jobs: Sequence[Job], missing: Sequence[ExpectedJob],
            roots: Sequence[Path], out: Path, figures: Sequence[tuple[str, Path]],
            notes: Sequence[str]) -> str:
     """The whole ``report.md``."""
@@ -173,7 +167,8 @@ def render(layout: Layout, jobs: Sequence[Job], missing: Sequence[tuple[Sweep, d
     sources = ", ".join(f"`{_rel(root, out)}`" for root in roots)
     lines += [
         f"Read from {sources}: {len(jobs)} job(s), {status_text}"
-        + (f"; {n_missing} job(s) the sweeps launch have no folder" if n_missing else "") + ".",
+        + (f"; {n_missing} job(s) the sweeps launch have no folder" if n_missing else "")
+        + ".",
         f"Made by `regdrop-report` on {datetime.now().strftime('%Y-%m-%d %H:%M')}.",
         "",
         "## Table",

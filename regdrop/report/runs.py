@@ -385,18 +385,74 @@ def find_sweeps(roots: Iterable[Path]) -> list[Sweep]:
     return sweeps
 
 
-def missing_jobs(sweeps: Iterable[Sweep], jobs: Iterable[Job]
-                 ) -> list[tuple[Sweep, dict[str, str]]]:
-    """The jobs the sweeps launch for which no job folder exists, each with its sweep. A
-    folder holds a job when its overrides are the job's, up to the keys that do not change
-    a result (`NOT_SWEPT`: a resumed job may carry ``trainer.resume``, say)."""
+# The sweep's record of jobs that failed cleanly (a rejected config writes no job folder):
+# one line per failure, "<unix time> job <n> (<overrides>): <message>".
+FAILED_JOBS = "failed_jobs.txt"
+_FAILED_LINE = re.compile(r"^(\S+) job (\S+) \((.*?)\): (.*)$")
+
+
+def read_failed_jobs(root: Path) -> list[tuple[dict[str, str], str]]:
+    """(overrides, message) of each job a sweep recorded as failed, oldest first."""
+    path = root / FAILED_JOBS
+    if not path.exists():
+        return []
+    failures = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        match = _FAILED_LINE.match(line)
+        if not match:
+            continue
+        try:
+            overrides = parse_overrides(match.group(3).split())
+        except Exception:  # an override with spaces in it: not matched, not fatal
+            continue
+        failures.append((overrides, match.group(4)))
+    return failures
+
+
+@dataclass
+class ExpectedJob:
+    """A job a sweep launches that has no folder: never started, or rejected before its
+    folder was written (then ``failed_jobs.txt`` may hold its error)."""
+
+    overrides: dict[str, str]
+    sweep: Sweep
+    status: str = "missing"
+    detail: str = ""
+
+    @property
+    def seed(self) -> str:
+        return next((v for k, v in self.overrides.items() if override_key(k) == "seed"), "")
+
+    def label(self) -> str:
+        """The values of the keys its sweep varies: ``dropout=gyro seed=1``."""
+        return " ".join(f"{override_key(k)}={self.overrides[k]}" for k in self.sweep.swept
+                        if k in self.overrides) or "?"
+
+
+def missing_jobs(sweeps: Iterable[Sweep], jobs: Iterable[Job]) -> list[ExpectedJob]:
+    """The jobs the sweeps launch for which no job folder exists. A folder holds a job when
+    its overrides are the job's, up to the keys that do not change a result (`NOT_SWEPT`: a
+    resumed job may carry ``trainer.resume``, say). A job the sweep recorded as failed is
+    "failed before training", with the recorded error; the others are "missing"."""
     present = [result_overrides(job.overrides) for job in jobs]
-    missing: list[tuple[Sweep, dict[str, str]]] = []
+    missing: list[ExpectedJob] = []
+    seen: list[dict[str, str]] = []
     for sweep in sweeps:
+        failures = read_failed_jobs(sweep.root)
         for expected in sweep.jobs:
-            if result_overrides(expected) not in present and \
-                    all(expected != m for _, m in missing):
-                missing.append((sweep, expected))
+            wanted = result_overrides(expected)
+            if wanted in present or wanted in seen:
+                continue
+            seen.append(wanted)
+            errors = [message for overrides, message in failures
+                      if result_overrides(overrides) == wanted]
+            if errors:  # the newest failure is the one that counts
+                missing.append(ExpectedJob(expected, sweep, FAILED_EARLY, errors[-1]))
+            else:
+                missing.append(ExpectedJob(
+                    expected, sweep, "missing",
+                    "the sweep launches this job, but no folder holds it (never started, or "
+                    "stopped before its folder was written)"))
     return missing
 
 

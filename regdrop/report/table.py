@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from regdrop.errors import ConfigError, check_keys
 from regdrop.report.runs import (
     FINISHED,
+    ExpectedJob,
     Job,
     finite,
     format_value,
@@ -173,16 +174,23 @@ def check_table(section: Any) -> None:
 # -- cells ----------------------------------------------------------------------------------
 
 
-def swept_keys(jobs: Sequence[Job]) -> list[str]:
-    """The override keys whose value differs across ``jobs`` (in first-seen order), without
-    the seed and the keys that do not change a result (`NOT_SWEPT`)."""
+def swept_keys(jobs: Sequence[Job], launched: Sequence[str] = ()) -> list[str]:
+    """The override keys whose value differs across ``jobs`` (in first-seen order), then
+    the keys the sweeps were ``launched`` with several values of (a job that never got a
+    folder still has its own cell), without the seed and the keys that do not change a
+    result (`NOT_SWEPT`)."""
     keys: list[str] = []
     for job in jobs:
         for written in job.overrides:
             key = written.lstrip("+~")
             if key not in keys and not ignored_key(key):
                 keys.append(key)
-    return [k for k in keys if len({job.override_value(k) for job in jobs}) > 1]
+    swept = [k for k in keys if len({job.override_value(k) for job in jobs}) > 1]
+    for written in launched:
+        key = written.lstrip("+~")
+        if key not in swept and not ignored_key(key):
+            swept.append(key)
+    return swept
 
 
 @dataclass
@@ -218,7 +226,7 @@ class Cell:
     column: str
     jobs: list[Job] = field(default_factory=list)
     duplicates: list[Job] = field(default_factory=list)  # finished again with a seed counted
-    missing: list[dict[str, str]] = field(default_factory=list)  # launched, but no folder
+    missing: list[ExpectedJob] = field(default_factory=list)  # launched, but no folder
 
     @property
     def label(self) -> str:
@@ -237,8 +245,8 @@ class Cell:
         counts: dict[str, int] = {}
         for job in self.unfinished:
             counts[job.status] = counts.get(job.status, 0) + 1
-        if self.missing:
-            counts["missing"] = len(self.missing)
+        for expected in self.missing:
+            counts[expected.status] = counts.get(expected.status, 0) + 1
         return ", ".join(f"{n} {status}" for status, n in counts.items())
 
     def values(self, key: str) -> list[float | None]:
@@ -295,14 +303,15 @@ def _label(job: Job, keys: Sequence[str], extra: Sequence[str] = ()) -> str:
     return " / ".join(parts) if parts else "all"
 
 
-def build_layout(jobs: Sequence[Job], spec: TableSpec) -> Layout:
+def build_layout(jobs: Sequence[Job], spec: TableSpec, launched: Sequence[str] = ()) -> Layout:
     """Group ``jobs`` into cells: one cell per combination of swept values (the seed
     averaged), placed by the spec's row and column keys.
 
     Jobs that differ in a swept key the spec does not name would share a cell: such keys
-    are added to the row labels (as ``key=value``), never silently merged.
+    are added to the row labels (as ``key=value``), never silently merged. ``launched``:
+    the keys the sweeps vary (`Sweep.swept`), swept even where the folders agree on them.
     """
-    swept = swept_keys(jobs)
+    swept = swept_keys(jobs, launched)
     row_keys = list(spec.rows) if spec.rows is not None else swept
     column_keys = list(spec.columns)
 
@@ -332,20 +341,24 @@ def build_layout(jobs: Sequence[Job], spec: TableSpec) -> Layout:
     for cell in cells.values():
         _mark_duplicate_seeds(cell)
 
-    reference_rows = list(spec.reference)
-    reference_columns = [c for cols in spec.reference.values() for c in cols]
+    layout = Layout(spec, row_keys, column_keys, extra, [], [], cells)
+    _order(layout)
+    return layout
 
+
+def _order(layout: Layout) -> None:
+    """Rows and columns in the order of the paper's ``reference``, then natural order."""
     def order(labels: set[str], preferred: list[str]) -> list[str]:
         first = [label for label in dict.fromkeys(preferred) if label in labels]
         return first + sorted(labels - set(first), key=natural_key)
 
-    rows = order({r for r, _ in cells}, reference_rows)
-    columns = order({c for _, c in cells}, reference_columns)
-    return Layout(spec, row_keys, column_keys, extra, rows, columns, cells)
+    reference = layout.spec.reference
+    layout.rows = order({r for r, _ in layout.cells}, list(reference))
+    layout.columns = order({c for _, c in layout.cells},
+                           [c for cols in reference.values() for c in cols])
 
 
-def place_missing(layout: Layout, missing: Sequence[tuple[Any, dict[str, str]]]
-                  ) -> list[tuple[Any, dict[str, str]]]:
+def place_missing(layout: Layout, missing: Sequence[ExpectedJob]) -> list[ExpectedJob]:
     """Put each expected job that has no folder into its cell (``Cell.missing``): the cell
     of a job with the same overrides but the seed, or, when every row and column key is an
     override of the expected job, the cell those values name (created if no job has it).
@@ -354,8 +367,8 @@ def place_missing(layout: Layout, missing: Sequence[tuple[Any, dict[str, str]]]
         return {k: v for k, v in result_overrides(overrides).items() if k != "seed"}
 
     unplaced = []
-    for sweep, expected in missing:
-        wanted = comparable(expected)
+    for expected in missing:
+        wanted = comparable(expected.overrides)
         cell = next((c for c in layout.cells.values()
                      if any(comparable(job.overrides) == wanted for job in c.jobs)), None)
         keys = layout.row_keys + layout.extra_keys + layout.column_keys
@@ -365,14 +378,11 @@ def place_missing(layout: Layout, missing: Sequence[tuple[Any, dict[str, str]]]
             row = " / ".join(row_parts) or "all"
             column = " / ".join(wanted[k] for k in layout.column_keys) or "all"
             cell = layout.cells.setdefault((row, column), Cell(row, column))
-            if row not in layout.rows:
-                layout.rows.append(row)
-            if column not in layout.columns:
-                layout.columns.append(column)
         if cell is None:
-            unplaced.append((sweep, expected))
+            unplaced.append(expected)
         else:
             cell.missing.append(expected)
+    _order(layout)
     return unplaced
 
 
