@@ -44,7 +44,8 @@ DEFAULT_STALE_S = 15 * 60
 # Override keys that never split a cell: the seed is averaged over, and these change where
 # and how a run is executed or logged, not its result.
 NOT_SWEPT = ("seed", "logger", "paths", "hydra", "trainer.device", "trainer.progress",
-             "trainer.resume", "data.num_workers", "data.root", "data.download", "local")
+             "trainer.resume", "data.num_workers", "data.root", "data.download", "local",
+             "table", "tags", "optimized_metric")
 
 _MISSING = object()
 
