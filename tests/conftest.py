@@ -25,6 +25,14 @@ TINY_MODELS = {
     "resnet50": ["model=resnet50", "model.width=0.125"],
     "vit_tiny": ["model=vit_tiny", "model.depth=2", "model.embed_dim=48"],
     "mixer": ["model=mixer", "model.depth=2", "model.embed_dim=64"],
+    # Two stages; the first keeps a shifted-window block.
+    "swin_femto": ["model=swin_femto", "model.embed_dim=16", "model.depths=[2,1]",
+                   "model.num_heads=[2,4]"],
+    "convnext_femto": ["model=convnext_femto", "model.width=0.125", "model.depths=[1,1,1,1]"],
+    "resnet56": ["model=resnet56", "model.width=0.25"],
+    "mlp": ["model=mlp", "model.hidden=[32,32]"],
+    "cuda_convnet": ["model=cuda_convnet", "model.width=0.25"],
+    "vgg16": ["model=vgg16", "model.width=0.125"],
 }
 
 

@@ -11,7 +11,23 @@ from regdrop.models import build_model
 from regdrop.train import train
 from tests.conftest import TINY_MODELS
 
-RESIDUAL = {"resnet18", "resnet50", "vit_tiny", "mixer"}
+RESIDUAL = {"resnet18", "resnet50", "resnet101", "resnet56", "resnet110", "vit_tiny", "vit_base",
+            "mixer", "mixer_s32", "mixer_b16", "swin_femto", "convnext_femto"}
+# Size variants of models in TINY_MODELS (same builder or class, other sizes): the smaller
+# model's runs cover their code, so theirs are slow tests.
+SIZE_VARIANTS = {
+    "vit_base": ["model=vit_base", "model.depth=2", "model.embed_dim=48", "model.num_heads=4"],
+    "mixer_s32": ["model=mixer_s32", "model.depth=2", "model.embed_dim=64"],
+    "mixer_b16": ["model=mixer_b16", "model.depth=2", "model.embed_dim=64"],
+    "resnet101": ["model=resnet101", "model.width=0.125"],
+    "resnet110": ["model=resnet110", "model.width=0.25"],
+}
+MODELS = {**TINY_MODELS, **SIZE_VARIANTS}
+# ResNet-56's 27 blocks make a run several times as long as LeNet's: by default it runs only
+# its paper's method, stochastic depth (both modes); the other methods are slow tests.
+DEFAULT_ONLY = {"resnet56": {"stochastic_depth"}}
+# An MLP has no conv or token activations for spatial dropout to drop channels of.
+NOT_APPLICABLE = {("mlp", "spatial")}
 # Small settings per method, so that the tiny runs exercise every option quickly.
 SMALL_OPTIONS = {
     "gyro": {"sigma": 8, "tau": 4},
@@ -20,26 +36,47 @@ SMALL_OPTIONS = {
     "stochastic_depth": {"drop_rate": 0.5},
 }
 SMALL_METHOD = {m: [f"dropout.{k}={v}" for k, v in o.items()] for m, o in SMALL_OPTIONS.items()}
-CASES = [(m, d) for d in VALID for m in TINY_MODELS if d != "stochastic_depth" or m in RESIDUAL]
+
+
+def case(model: str, method: str = "stochastic_depth"):
+    """A (model, method) parameter, marked slow for size variants and ResNet-56's extras."""
+    slow = model in SIZE_VARIANTS or method not in DEFAULT_ONLY.get(model, {method})
+    return pytest.param(model, method, marks=[pytest.mark.slow] if slow else [])
+
+
+def applies(model: str, method: str) -> bool:
+    return (method != "stochastic_depth" or model in RESIDUAL) and (model, method) not in NOT_APPLICABLE
+
+
+CASES = [case(m, d) for d in VALID for m in MODELS if applies(m, d)]
 
 
 @pytest.mark.parametrize("model, method", CASES)
 def test_method_trains_model(make_config, model, method):
-    cfg = make_config(*TINY_MODELS[model], f"dropout={method}", *SMALL_METHOD.get(method, []))
+    cfg = make_config(*MODELS[model], f"dropout={method}", *SMALL_METHOD.get(method, []))
     summary = train(cfg)
     assert summary["step"] == 4
     assert summary["train/loss"] == summary["train/loss"]  # not NaN
 
 
-@pytest.mark.parametrize("mode", ["block", "sample"])
-def test_stochastic_depth_modes_train_resnet(make_config, mode):
-    assert train(make_config(*TINY_MODELS["resnet18"], "dropout=stochastic_depth", f"dropout.mode={mode}"))["step"] == 4
+# Block mode (the config's default) runs in CASES; sample mode here, on every residual model.
+@pytest.mark.parametrize("model, method", [case(m) for m in MODELS if m in RESIDUAL])
+def test_stochastic_depth_sample_mode_trains_model(make_config, model, method):
+    cfg = make_config(*MODELS[model], f"dropout={method}", "dropout.mode=sample",
+                      *SMALL_METHOD["stochastic_depth"])
+    summary = train(cfg)
+    assert summary["step"] == 4 and summary["train/loss"] == summary["train/loss"]
 
 
-@pytest.mark.parametrize("model", ["lenet", "alexnet"])
+@pytest.mark.parametrize("model", ["lenet", "alexnet", "mlp", "cuda_convnet", "vgg16"])
 def test_stochastic_depth_needs_residual_blocks(make_config, model):
     with pytest.raises(ConfigError, match="residual"):
         train(make_config(*TINY_MODELS[model], "dropout=stochastic_depth"))
+
+
+def test_spatial_dropout_needs_conv_or_token_sites(make_config):
+    with pytest.raises(ConfigError, match="no drop site"):
+        train(make_config(*TINY_MODELS["mlp"], "dropout=spatial"))
 
 
 def test_surgery_is_printed(make_config, capsys):
