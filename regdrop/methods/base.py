@@ -161,7 +161,7 @@ class DropModule(nn.Module):
         value = self.peak * factor
         self.rate.fill_(value)
         # The value just written, rounded as the buffer stores it: no device read.
-        stored = float(np.float32(value)) if self.rate.dtype == torch.float32 else float(value)
+        stored = stored_as(value, self.rate.dtype)
         self._rate_mirror = (self.rate, self.rate._version, stored)
 
     def rate_repr(self, name: str = "p") -> str:
@@ -211,6 +211,21 @@ class DropModule(nn.Module):
     def setup_run(self, total_steps: int, rank: int = 0, world_size: int = 1) -> None:
         """Called once before training with the run's total number of optimizer steps and
         this process's rank among ``world_size`` data-parallel processes."""
+
+
+def stored_as(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded as a tensor of ``dtype`` stores it, computed on the host (no tensor,
+    no device read): float32/float16 through numpy, bfloat16 by rounding float32's bits to
+    nearest-even in the upper 16."""
+    if dtype == torch.float32:
+        return float(np.float32(value))
+    if dtype == torch.float16:
+        return float(np.float16(value))
+    if dtype == torch.bfloat16:
+        bits = int(np.float32(value).view(np.uint32))
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return float(np.uint32(bits).view(np.float32))
+    return float(value)
 
 
 def keep_scale(rate: torch.Tensor) -> torch.Tensor:
