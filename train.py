@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from regdrop.cli import help_text, run
+from regdrop.cli import help_text, jobs_started, run
 from regdrop.runfolder import register_resolvers
 
 # Run folders and data live under the project root, wherever train.py is called from.
@@ -24,4 +24,11 @@ if __name__ == "__main__":
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
         print(help_text())  # regdrop's own help; Hydra's is --hydra-help
         sys.exit(0)
-    main()
+    try:
+        main()
+    except SystemExit as stop:
+        # Hydra's own errors (an unknown key or group option on the command line) end with
+        # status 1 before any job starts; they are bad input, like regdrop's: status 2.
+        if stop.code == 1 and not jobs_started():
+            sys.exit(2)
+        raise

@@ -35,6 +35,7 @@ def run(cfg: DictConfig) -> float | None:
     """
     from regdrop.train import Diverged, train  # imported here so `--help` and `--cfg` stay fast
 
+    _STARTED.append(True)
     try:
         metrics = train(cfg)
     except (ConfigError, Diverged) as err:
@@ -47,6 +48,14 @@ def run(cfg: DictConfig) -> float | None:
             raise JobFailed(HydraConfig.get(), message) from None
         sys.exit(2 if isinstance(err, ConfigError) else 4)
     return metrics[cfg.optimized_metric]  # validate() made sure the run returns it
+
+
+_STARTED: list[bool] = []
+
+
+def jobs_started() -> bool:
+    """Whether Hydra got as far as running a job in this process."""
+    return bool(_STARTED)
 
 
 class JobFailed(CompactHydraException):
