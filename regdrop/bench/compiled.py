@@ -1,0 +1,106 @@
+"""The early-linear drop-rate schedule under ``torch.compile``: how many steps until nothing
+recompiles, and the compiled step time against the eager one.
+
+The default run's model (LeNet width 0.125 with standard dropout p=0.5) trains through
+`regdrop.train.train_step` with ``net = torch.compile(model)`` while the early-linear
+schedule (Liu et al. 2023) moves the rate from the peak down to exactly 0 at the cutoff and
+keeps it there. The rate lives in a tensor buffer, so the graphs compiled at the first step
+must serve every later one; dynamo's graph counter is read after each step. Then compiled
+and eager steps are timed side by side at half the peak rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from regdrop import train as training
+from regdrop.bench.report import Comparison
+from regdrop.bench.steps import LR, OPTIM, TOTAL_STEPS, ModelCase, make_batches
+from regdrop.bench.timing import Candidate, measure, synchronizer
+from regdrop.data import DataInfo
+from regdrop.methods import apply_method, setup_run
+from regdrop.models import build_model
+from regdrop.optim import build_lr_schedule, build_optimizer
+from regdrop.runtime import Runtime
+from regdrop.schedules import DropSchedule
+
+CASE = ModelCase("lenet", {"name": "lenet", "width": 0.125}, 1, 28, 128)
+DROPOUT = {"name": "standard", "p": 0.5}
+
+
+def _parts(model: torch.nn.Module, net, runtime: Runtime) -> training.StepParts:
+    optimizer = build_optimizer(OmegaConf.create(OPTIM), model)
+    return training.StepParts(
+        model=model, net=net, optimizer=optimizer,
+        lr_schedule=build_lr_schedule(OmegaConf.create(LR), optimizer, TOTAL_STEPS, TOTAL_STEPS),
+        scaler=torch.amp.GradScaler(runtime.device.type, enabled=False), runtime=runtime)
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def compile_case(runtime: Runtime, *, backend: str, steps: int, cutoff: int, repeats: int,
+                 warmup: int, min_time_s: float, seed: int = 0) -> tuple[dict, Comparison]:
+    """Facts of the recompilation check and the compiled-vs-eager comparison."""
+    import torch._dynamo
+
+    info = DataInfo("synthetic", 10, CASE.channels, CASE.image_size, TOTAL_STEPS, 0)
+    torch.manual_seed(seed)
+    model = build_model(OmegaConf.create(CASE.model), info)
+    apply_method(model, OmegaConf.create(DROPOUT), seed=seed)
+    model.to(runtime.device).train()
+    eager_model = copy.deepcopy(model)
+    for m in (model, eager_model):
+        setup_run(m, TOTAL_STEPS)
+    batches = make_batches(CASE, runtime.device, seed=seed)
+    torch._dynamo.reset()
+    compiled = _parts(model, torch.compile(model, backend=backend), runtime)
+    eager = _parts(eager_model, eager_model, runtime)
+    schedule = DropSchedule(name="early", shape="linear", steps=cutoff)
+    sync = synchronizer(runtime.device)
+
+    stream = itertools.cycle(batches)
+    start_graphs = _graphs()
+    per_step, first_step_s = [], 0.0
+    for step in range(steps):
+        sync()
+        start = time.perf_counter()
+        training.train_step(compiled, stream, step, schedule.factor(step))
+        sync()
+        if step == 0:
+            first_step_s = time.perf_counter() - start
+        per_step.append(_graphs() - start_graphs)
+    compiling = [step for step in range(steps)
+                 if per_step[step] > (per_step[step - 1] if step else 0)]
+    facts = {
+        "setting": (f"{CASE.describe()}, standard dropout p=0.5, early-linear schedule to 0 at "
+                    f"step {cutoff}, {steps} steps, backend {backend}"),
+        "backend": backend, "steps": steps, "cutoff": cutoff,
+        "graphs": per_step[-1], "graphs_per_step": per_step,
+        "graphs_after_warmup": per_step[-1] - per_step[0],
+        "last_compile_step": compiling[-1] if compiling else -1,
+        "first_step_s": first_step_s,
+        "factors": [schedule.factor(step) for step in range(steps)],
+    }
+
+    def timed(parts: training.StepParts):
+        counter = itertools.count(steps)
+        data = itertools.cycle(batches)
+        return lambda: training.train_step(parts, data, next(counter), 0.5)
+
+    candidates = [Candidate("compiled", timed(compiled)), Candidate("eager", timed(eager))]
+    timings = measure(candidates, repeats=repeats, warmup=warmup, min_time_s=min_time_s,
+                      sync=sync)
+    comparison = Comparison(
+        "compile", f"{CASE.label} + standard dropout, train_step at half the peak rate, "
+        f"backend {backend}",
+        {c.name: t for c, t in zip(candidates, timings, strict=True)}, [("compiled", "eager")])
+    return facts, comparison
