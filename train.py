@@ -24,6 +24,10 @@ if __name__ == "__main__":
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
         print(help_text())  # regdrop's own help; Hydra's is --hydra-help
         sys.exit(0)
+    multirun, show = {"-m", "--multirun"}, {"-c", "--cfg"}
+    if multirun & set(sys.argv) and show & set(sys.argv):
+        # Hydra 1.3 refuses -m with --cfg; hydra.mode=MULTIRUN prints what a sweep's job gets.
+        sys.argv = [sys.argv[0], "hydra.mode=MULTIRUN", *(a for a in sys.argv[1:] if a not in multirun)]
     try:
         main()
     except SystemExit as stop:
