@@ -60,6 +60,8 @@ SITE_KINDS = {
     "vgg16": {"fc", "conv"},
 }
 RESNETS = {"resnet18", "resnet50", "resnet101", "resnet56", "resnet110"}
+# Deeper copies of a tested class (ResNet-50's, ResNet-56's): their tiny forward is slow only.
+DEEPER_COPIES = {"resnet101", "resnet110"}
 
 
 def parameters(model: nn.Module) -> int:
@@ -79,7 +81,9 @@ def test_every_model_is_tested():
     assert set(SMALL) == set(MODELS) == set(SITE_KINDS)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=[pytest.mark.slow] if name in DEEPER_COPIES else []) for name in MODELS
+])
 @pytest.mark.parametrize("channels, size, classes", [(1, 28, 10), (3, 32, 100)])
 def test_model_adapts_to_channels_size_and_classes(name, channels, size, classes):
     model = MODELS[name](DataInfo("x", classes, channels, size, 10, 10), **SMALL[name])
