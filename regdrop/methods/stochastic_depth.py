@@ -168,6 +168,29 @@ class BranchGate(DropModule):
             return branch * (1.0 - self.rate).to(branch.dtype)
         return branch
 
+    def residual(self, branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """``shortcut + self(branch)``, the gated residual sum, in one pass where it can be.
+
+        Eager training fuses the gate into the sum: sample mode adds ``branch x mask`` to the
+        shortcut with one ``addcmul`` (no masked copy of the branch), inverted block mode
+        adds the scaled branch with one ``add(alpha=...)``. Rate 0 is the plain sum, as in
+        `forward`. Traced (``torch.compile``), evaluating, or with the shortcut in another
+        dtype (autocast), it is the plain ``shortcut + self(branch)``.
+        """
+        if (not self.training or torch.compiler.is_compiling()
+                or shortcut.dtype != branch.dtype or shortcut.device != branch.device):
+            return shortcut + self(branch)
+        if self.mode == "sample":
+            if self.rate_value() == 0.0:
+                return shortcut + branch
+            shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
+            mask = keep_mask(shape, self.rate, branch, inverted=self.scaling == "inverted")
+            return torch.addcmul(shortcut, branch, mask)
+        rate = self.rate_value()
+        if self.scaling == "inverted" and rate != 0.0:
+            return torch.add(shortcut, branch, alpha=1.0 / (1.0 - rate))
+        return shortcut + branch
+
     def get_extra_state(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
 
@@ -230,11 +253,13 @@ def _resnet_forward(block: StochasticDepthBasicBlock | StochasticDepthBottleneck
                     x: torch.Tensor) -> torch.Tensor:
     identity = x if block.downsample is None else block.downsample(x)
     if block.gate.keep():
-        out = block.gate(block.branch(x))
-        out += identity
+        out = block.gate.residual(block.branch(x), identity)
+    elif block.downsample is None:
+        # torchvision's ReLU is in place: never let it overwrite the block's input (an
+        # out-of-place ReLU is one pass, a copy and an in-place ReLU two).
+        return torch.relu(identity) if isinstance(block.relu, nn.ReLU) else block.relu(identity.clone())
     else:
-        # torchvision's ReLU is in place: never let it overwrite the block's input.
-        out = identity.clone() if block.downsample is None else identity
+        out = identity
     return block.relu(out)
 
 
@@ -256,9 +281,9 @@ class StochasticDepthViTBlock(StochasticDepthBlock):
         if attn_mask is not None or is_causal:
             kwargs = {"attn_mask": attn_mask, "is_causal": is_causal}
         if self.gate_attn.keep():
-            x = x + self.gate_attn(self.ls1(self.attn(self.norm1(x), **kwargs)))
+            x = self.gate_attn.residual(self.ls1(self.attn(self.norm1(x), **kwargs)), x)
         if self.gate_mlp.keep():
-            x = x + self.gate_mlp(self.ls2(self.mlp(self.norm2(x))))
+            x = self.gate_mlp.residual(self.ls2(self.mlp(self.norm2(x))), x)
         return x
 
 
@@ -281,9 +306,9 @@ class StochasticDepthMixerBlock(StochasticDepthBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_tokens.keep():
             mixed = self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
-            x = x + self.gate_tokens(mixed)
+            x = self.gate_tokens.residual(mixed, x)
         if self.gate_channels.keep():
-            x = x + self.gate_channels(self.mlp_channels(self.norm2(x)))
+            x = self.gate_channels.residual(self.mlp_channels(self.norm2(x)), x)
         return x
 
 
