@@ -13,7 +13,6 @@ Doubtful but legal choices (``sigma`` not a multiple of ``tau``) become one-line
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +25,7 @@ from regdrop.methods import apply_method, check_method
 from regdrop.models import build_model, check_model
 from regdrop.optim import check_lr, check_optim
 from regdrop.report.table import check_table
-from regdrop.runtime import check_seed, check_trainer
+from regdrop.runtime import check_seed, check_trainer, world_size_from_env
 from regdrop.schedules import DropSchedule, check_schedule, epochs_to_steps, steps_per_epoch
 from regdrop.tracking import check_logger
 
@@ -84,7 +83,7 @@ def check_run_length(cfg: DictConfig, info: DataInfo, method: dict) -> list[str]
                         "periods straddle two permutations of the bank (see docs/methods.md)")
     if not info.num_train:  # ImageNet: the size is known once its folders are listed
         return warnings
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size_from_env()
     per_epoch = steps_per_epoch(info.num_train, batch, accum, world_size)
     if per_epoch < 1:
         raise ConfigError("data.batch_size", f"{info.num_train} training images give no optimizer step per "

@@ -153,10 +153,18 @@ def _distributed_environment() -> tuple[int, int, int]:
         import submitit
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size_from_env()
     if world_size <= 1:
         return 0, 0, 1
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size
+
+
+def world_size_from_env() -> int:
+    """The number of data-parallel processes torchrun started (1 without torchrun: a stray
+    ``WORLD_SIZE`` with no ``RANK`` is not a launch)."""
+    if "RANK" not in os.environ:
+        return 1
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -412,3 +412,22 @@ def test_check_table_accepts_the_documented_sections():
                  "as_error": True, "loss_target": 0.5})
     assert TableSpec.from_section(section).reference == {"standard": {"cifar10": 77.9},
                                                         "gyro": {"cifar10": 79.0}}
+
+
+def test_diagnostics_records_become_gdv_and_gde_curves_and_never_step_records(tmp_path):
+    jobs = []
+    for seed in (0, 1):
+        job = finished_job(tmp_path / "sweep" / str(seed), ["dropout=standard", f"seed={seed}"],
+                           config_of("standard", 0.5, seed), 0.6)
+        with open(job / "metrics.jsonl", "a") as f:
+            for step in (0, 2):
+                f.write(json.dumps({"step": step, "epoch": 1, "diag/gdv": 0.1 * (step + 1 + seed),
+                                    "diag/gde": 0.2}) + "\n")
+        jobs.append(job)
+    train, evals, bad = read_metrics_log(jobs[0] / "metrics.jsonl")
+    assert bad == 0 and all("diag/gdv" not in r for r in train + evals)
+    assert [r["step"] for r in train] == [0, 1, 2, 3]
+    write_report([tmp_path / "sweep"])
+    for name in ("gdv.png", "gde.png"):
+        [figure] = (tmp_path / "sweep").rglob(name)
+        assert figure.stat().st_size > 1000

@@ -95,10 +95,12 @@ def test_multirun_gives_one_folder_metrics_and_wandb_run_per_job(tmp_path):
                      f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path}", env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
     ids = set()
-    for job in ("0", "1"):
-        metrics = json.loads((sweep / job / "metrics.json").read_text())
+    jobs = sorted(p.parent for p in sweep.rglob("metrics.json"))
+    assert len(jobs) == 2
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
         ids.add(metrics["wandb_run_id"])
-        assert list((sweep / job / "wandb").glob(f"offline-run-*{metrics['wandb_run_id']}"))
+        assert list((job / "wandb").glob(f"offline-run-*{metrics['wandb_run_id']}"))
     assert len(ids) == 2
 
 
@@ -167,7 +169,8 @@ def test_lr_milestones_must_be_numbers(make_config):
     assert err.value.key == "lr.milestones"
 
 
-def test_world_size_does_not_shrink_epochs_before_data_parallelism_exists(make_config, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "4")
+def test_a_stray_world_size_without_torchrun_does_not_shrink_epochs(make_config, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")  # no RANK: not a torchrun launch
+    monkeypatch.delenv("RANK", raising=False)
     summary = train(make_config(*TINY_MODELS["lenet"], "trainer.max_steps=null", "trainer.epochs=1"))
     assert summary["step"] == 64 // 16

@@ -58,6 +58,14 @@ def drop_rate_points(job: Job, layout: Layout) -> Points:
             if (rate := finite(r.get("train/drop_rate"))) is not None}
 
 
+def diagnostics_points(key: str) -> Callable[[Job, Layout], Points]:
+    """``key`` (``diag/gdv``, ``diag/gde``) of the run's diagnostics against the step."""
+    def points(job: Job, layout: Layout) -> Points:
+        return {float(r["step"]): value for r in job.diagnostics if (value := finite(r.get(key))) is not None}
+
+    return points
+
+
 FIGURES: list[tuple[str, str, str, str, Callable[[Job, Layout], Points]]] = [
     # (file name, title, x label, y label, points)
     ("test_acc.png", "Test accuracy", "epoch", "test acc. (%)", test_metric_points),
@@ -65,6 +73,9 @@ FIGURES: list[tuple[str, str, str, str, Callable[[Job, Layout], Points]]] = [
     ("loss_vs_steps.png", "Training loss against iterations", "optimizer step", "train loss",
      step_loss_points),
     ("drop_rate.png", "Drop-rate schedule", "optimizer step", "drop rate", drop_rate_points),
+    # Only drawn for runs with diagnostics on (Liu et al.'s measurements).
+    ("gdv.png", "Gradient direction variance", "optimizer step", "GDV", diagnostics_points("diag/gdv")),
+    ("gde.png", "Gradient direction error", "optimizer step", "GDE", diagnostics_points("diag/gde")),
 ]
 
 

@@ -61,6 +61,7 @@ class Job:
     summary: dict[str, Any] | None = None  # metrics.json
     train: list[dict[str, Any]] = field(default_factory=list)  # step records, one per step
     evals: list[dict[str, Any]] = field(default_factory=list)  # evaluation records
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)  # diag/* records, by step
     run_info: dict[str, Any] | None = None  # run.json
     status: str = FAILED_EARLY
     detail: str = ""
@@ -121,6 +122,25 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def is_diagnostics_record(record: Mapping[str, Any]) -> bool:
+    """Diagnostics records (regdrop.diagnostics) carry ``diag/*`` keys and no training loss."""
+    return "train/loss" not in record and any(str(k).startswith("diag/") for k in record)
+
+
+def read_diagnostics(path: Path) -> list[dict]:
+    """The diagnostics records of a ``metrics.jsonl``, one per step (the last one wins)."""
+    found: dict[int, dict] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and is_diagnostics_record(record):
+                found[record["step"]] = record
+    return [found[s] for s in sorted(found)]
+
+
 def is_eval_record(record: Mapping[str, Any]) -> bool:
     """Evaluation records carry test metrics; step records carry the step's training loss."""
     return "test/acc" in record or "test/loss" in record
@@ -153,6 +173,8 @@ def read_metrics_log(path: Path) -> tuple[list[dict], list[dict], int]:
             if not isinstance(step, int) or isinstance(step, bool):
                 bad += 1
                 continue
+            if is_diagnostics_record(record):
+                continue  # read_diagnostics
             if is_eval_record(record):
                 # An evaluation after `step` steps: the old attempt's steps from `step` on
                 # and its evaluations from `step` on are superseded.
@@ -295,6 +317,7 @@ def load_job(path: Path, *, stale_s: float = DEFAULT_STALE_S) -> Job:
     notes.append(note)
     if (path / "metrics.jsonl").exists():
         job.train, job.evals, bad = read_metrics_log(path / "metrics.jsonl")
+        job.diagnostics = read_diagnostics(path / "metrics.jsonl")
         if bad:
             notes.append(f"{bad} unreadable line(s) in metrics.jsonl")
     run_info, note = _read_json(path / "run.json")
