@@ -43,16 +43,17 @@ class Size:
     compile_steps: int = 24
     compile_cutoff: int = 16
     compile_backend: str = "inductor"
+    compile_case: ModelCase = ModelCase("lenet", 1, 28, 128, {"width": 0.125})
 
 
 SIZES = {
     "default": Size(
         repeats=15, warmup=3, min_time_s=0.1,
         step_cases=(
-            ModelCase("lenet", {"name": "lenet", "width": 0.125}, 1, 28, 128),
-            ModelCase("resnet18", {"name": "resnet18", "width": 0.25}, 3, 32, 64),
-            ModelCase("vit_tiny", {"name": "vit_tiny", "depth": 4, "embed_dim": 96}, 3, 32, 64),
-            ModelCase("mixer", {"name": "mixer", "depth": 4, "embed_dim": 128}, 3, 32, 64),
+            ModelCase("lenet", 1, 28, 128, {"width": 0.125}),
+            ModelCase("resnet18", 3, 32, 64, {"width": 0.25}),
+            ModelCase("vit_tiny", 3, 32, 64, {"depth": 4, "embed_dim": 96}),
+            ModelCase("mixer", 3, 32, 64, {"depth": 4, "embed_dim": 128}),
         ),
         layers=LayerSizes(),
         network_repeats=11,
@@ -63,10 +64,8 @@ SIZES = {
     "tiny": Size(
         repeats=3, warmup=1, min_time_s=0.0,
         step_cases=(
-            ModelCase("lenet", {"name": "lenet", "width": 0.125}, 1, 28, 16),
-            ModelCase("resnet18", {"name": "resnet18", "width": 0.0625}, 3, 16, 8),
-            ModelCase("vit_tiny", {"name": "vit_tiny", "depth": 1, "embed_dim": 24}, 3, 16, 8),
-            ModelCase("mixer", {"name": "mixer", "depth": 1, "embed_dim": 32}, 3, 16, 8),
+            ModelCase("lenet", 1, 28, 16, {"width": 0.125}),
+            ModelCase("resnet18", 3, 16, 8, {"width": 0.0625}),
         ),
         layers=LayerSizes(batch=32, gyro_widths=(64,), tokens=(8, 17, 24), conv=(8, 8, 8, 8),
                           resnet50_batch=4, resnet50_width=0.125, resnet50_image=16),
@@ -75,6 +74,7 @@ SIZES = {
         folder={"classes": 2, "per_class": 16, "file_size": 32, "image_size": 16, "batch": 8,
                 "workers": 1, "width": 0.0625},
         compile_steps=4, compile_cutoff=3, compile_backend="eager",
+        compile_case=ModelCase("lenet", 1, 28, 16, {"width": 0.125}),
     ),
 }
 
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> Results:
         facts, comparison = compile_case(
             runtime, backend=backend, steps=size.compile_steps, cutoff=size.compile_cutoff,
             repeats=size.repeats, warmup=size.warmup, min_time_s=size.min_time_s,
-            seed=args.seed)
+            seed=args.seed, case=size.compile_case)
         results.facts["compile"] = facts
         results.comparisons.append(comparison)
     results.context["wall_s"] = time.perf_counter() - started

@@ -16,29 +16,18 @@ import itertools
 import time
 
 import torch
-from omegaconf import OmegaConf
+import torch._dynamo
 
 from regdrop import train as training
 from regdrop.bench.report import Comparison
-from regdrop.bench.steps import LR, OPTIM, TOTAL_STEPS, ModelCase, make_batches
+from regdrop.bench.steps import ModelCase, config, make_batches, step_parts
 from regdrop.bench.timing import Candidate, measure, synchronizer
-from regdrop.data import DataInfo
-from regdrop.methods import apply_method, setup_run
-from regdrop.models import build_model
-from regdrop.optim import build_lr_schedule, build_optimizer
+from regdrop.methods import apply_method
 from regdrop.runtime import Runtime
 from regdrop.schedules import DropSchedule
 
-CASE = ModelCase("lenet", {"name": "lenet", "width": 0.125}, 1, 28, 128)
-DROPOUT = {"name": "standard", "p": 0.5}
-
-
-def _parts(model: torch.nn.Module, net, runtime: Runtime) -> training.StepParts:
-    optimizer = build_optimizer(OmegaConf.create(OPTIM), model)
-    return training.StepParts(
-        model=model, net=net, optimizer=optimizer,
-        lr_schedule=build_lr_schedule(OmegaConf.create(LR), optimizer, TOTAL_STEPS, TOTAL_STEPS),
-        scaler=torch.amp.GradScaler(runtime.device.type, enabled=False), runtime=runtime)
+# The default run's model and batch.
+CASE = ModelCase("lenet", 1, 28, 128, {"width": 0.125})
 
 
 def _graphs() -> int:
@@ -48,22 +37,18 @@ def _graphs() -> int:
 
 
 def compile_case(runtime: Runtime, *, backend: str, steps: int, cutoff: int, repeats: int,
-                 warmup: int, min_time_s: float, seed: int = 0) -> tuple[dict, Comparison]:
+                 warmup: int, min_time_s: float, seed: int = 0, case: ModelCase = CASE
+                 ) -> tuple[dict, Comparison]:
     """Facts of the recompilation check and the compiled-vs-eager comparison."""
-    import torch._dynamo
-
-    info = DataInfo("synthetic", 10, CASE.channels, CASE.image_size, TOTAL_STEPS, 0)
     torch.manual_seed(seed)
-    model = build_model(OmegaConf.create(CASE.model), info)
-    apply_method(model, OmegaConf.create(DROPOUT), seed=seed)
+    model = case.build()
+    apply_method(model, config("dropout", "standard"), seed=seed)
     model.to(runtime.device).train()
     eager_model = copy.deepcopy(model)
-    for m in (model, eager_model):
-        setup_run(m, TOTAL_STEPS)
-    batches = make_batches(CASE, runtime.device, seed=seed)
+    batches = make_batches(case, runtime.device, seed=seed)
     torch._dynamo.reset()
-    compiled = _parts(model, torch.compile(model, backend=backend), runtime)
-    eager = _parts(eager_model, eager_model, runtime)
+    compiled = step_parts(model, torch.compile(model, backend=backend), runtime)
+    eager = step_parts(eager_model, eager_model, runtime)
     schedule = DropSchedule(name="early", shape="linear", steps=cutoff)
     sync = synchronizer(runtime.device)
 
@@ -81,7 +66,7 @@ def compile_case(runtime: Runtime, *, backend: str, steps: int, cutoff: int, rep
     compiling = [step for step in range(steps)
                  if per_step[step] > (per_step[step - 1] if step else 0)]
     facts = {
-        "setting": (f"{CASE.describe()}, standard dropout p=0.5, early-linear schedule to 0 at "
+        "setting": (f"{case.describe()}, standard dropout p=0.5, early-linear schedule to 0 at "
                     f"step {cutoff}, {steps} steps, backend {backend}"),
         "backend": backend, "steps": steps, "cutoff": cutoff,
         "graphs": per_step[-1], "graphs_per_step": per_step,
@@ -100,7 +85,7 @@ def compile_case(runtime: Runtime, *, backend: str, steps: int, cutoff: int, rep
     timings = measure(candidates, repeats=repeats, warmup=warmup, min_time_s=min_time_s,
                       sync=sync)
     comparison = Comparison(
-        "compile", f"{CASE.label} + standard dropout, train_step at half the peak rate, "
+        "compile", f"{case.label} + standard dropout, train_step at half the peak rate, "
         f"backend {backend}",
         {c.name: t for c, t in zip(candidates, timings, strict=True)}, [("compiled", "eager")])
     return facts, comparison

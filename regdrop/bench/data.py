@@ -16,15 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from regdrop import train as training
-from regdrop.bench.steps import LR, OPTIM, TOTAL_STEPS
+from regdrop.bench.steps import config, step_parts
 from regdrop.bench.timing import synchronizer
 from regdrop.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES, build_data, set_epoch
-from regdrop.methods import apply_method, setup_run
+from regdrop.methods import apply_method
 from regdrop.models import build_model
-from regdrop.optim import build_lr_schedule, build_optimizer
 from regdrop.runtime import Runtime
 
 
@@ -48,17 +46,14 @@ class ClockedIterator:
             self.batches += 1
 
 
-def _parts(model_cfg: dict, info, runtime: Runtime, dropout: dict) -> training.StepParts:
+def _parts(model_name: str, info, runtime: Runtime, **options) -> training.StepParts:
+    """The model (conf/model/<name>.yaml with ``options``) with the default method
+    (``dropout=standard``), ready for `regdrop.train.train_step`."""
     torch.manual_seed(0)
-    model = build_model(OmegaConf.create(model_cfg), info)
-    apply_method(model, OmegaConf.create(dropout))
+    model = build_model(config("model", model_name, **options), info)
+    apply_method(model, config("dropout", "standard"))
     model.to(runtime.device).train()
-    setup_run(model, TOTAL_STEPS)
-    optimizer = build_optimizer(OmegaConf.create(OPTIM), model)
-    return training.StepParts(
-        model=model, net=model, optimizer=optimizer,
-        lr_schedule=build_lr_schedule(OmegaConf.create(LR), optimizer, TOTAL_STEPS, TOTAL_STEPS),
-        scaler=torch.amp.GradScaler(runtime.device.type, enabled=False), runtime=runtime)
+    return step_parts(model, model, runtime)
 
 
 def timed_epoch(parts: training.StepParts, loader, epoch: int, max_steps: int | None
@@ -87,15 +82,10 @@ def fashion_mnist_installed(root: Path) -> bool:
 
 def fashion_mnist_wait(runtime: Runtime, root: Path, max_steps: int | None, batch: int = 128
                        ) -> dict:
-    """The default run's loader and model: Fashion-MNIST in memory, LeNet width 0.125,
-    standard dropout; one warm-up step, then an epoch (or its first ``max_steps`` steps)."""
-    cfg = OmegaConf.create({
-        "name": "fashion_mnist", "root": str(root), "download": False, "batch_size": batch,
-        "eval_batch_size": 1000, "num_workers": 0, "subset": None, "augment": False,
-        "normalize": True})
-    data = build_data(cfg)
-    parts = _parts({"name": "lenet", "width": 0.125}, data.info, runtime,
-                   {"name": "standard", "p": 0.5})
+    """The default run's data, model and method (conf/data/fashion_mnist.yaml in memory,
+    LeNet width 0.125, standard dropout); one warm-up step, then an epoch (or its first ``max_steps`` steps)."""
+    data = build_data(config("data", "fashion_mnist", root=str(root), batch_size=batch))
+    parts = _parts("lenet", data.info, runtime, width=0.125)
     timed_epoch(parts, data.train, 0, 1)  # warm-up
     facts = timed_epoch(parts, data.train, 1, max_steps)
     span = "whole epoch" if max_steps is None else f"first {facts['steps']} steps of an epoch"
@@ -128,13 +118,10 @@ def image_folder_wait(runtime: Runtime, *, classes: int, per_class: int, file_si
     with tempfile.TemporaryDirectory(prefix="regdrop-bench-") as folder:
         root = Path(folder)
         write_jpeg_tree(root, classes, per_class, file_size)
-        cfg = OmegaConf.create({
-            "name": "imagenet", "root": str(root), "download": False, "batch_size": batch,
-            "eval_batch_size": batch, "num_workers": workers, "subset": None, "augment": True,
-            "normalize": True, "image_size": image_size})
-        data = build_data(cfg)
-        parts = _parts({"name": "resnet18", "width": width}, data.info, runtime,
-                       {"name": "standard", "p": 0.5})
+        data = build_data(config("data", "imagenet", root=str(root), batch_size=batch,
+                                 eval_batch_size=batch, num_workers=workers,
+                                 image_size=image_size))
+        parts = _parts("resnet18", data.info, runtime, width=width)
         first = timed_epoch(parts, data.train, 0, None)
         facts = timed_epoch(parts, data.train, 1, None)
         del data  # stop the persistent workers before the folder goes

@@ -17,20 +17,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from timm.layers import DropPath
 from torch import nn
 from torchvision.ops import stochastic_depth
 
 from regdrop.bench.report import Comparison
+from regdrop.bench.steps import ModelCase
 from regdrop.bench.timing import Candidate, measure, synchronizer
-from regdrop.data import DataInfo
 from regdrop.methods.gyro import GyroDropout
 from regdrop.methods.multisample import MultiSampleHead
 from regdrop.methods.spatial import SpatialDropout
 from regdrop.methods.standard import StandardDropout
 from regdrop.methods.stochastic_depth import BranchGate, apply_stochastic_depth
-from regdrop.models import build_model
 
 
 @dataclass(frozen=True)
@@ -209,10 +207,10 @@ def multisample_case(sizes: LayerSizes, device: torch.device, samples: int = 8) 
 def resnet50_case(sizes: LayerSizes, device: torch.device, seed: int, notes: list[str]
                   ) -> LayerCase:
     """The same ResNet-50 plain, with regdrop's stochastic depth and with Composer's."""
-    info = DataInfo("synthetic", 10, 3, sizes.resnet50_image, 0, 0)
+    case = ModelCase("resnet50", 3, sizes.resnet50_image, sizes.resnet50_batch,
+                     {"width": sizes.resnet50_width})
     torch.manual_seed(seed)
-    plain = build_model(OmegaConf.create({"name": "resnet50", "width": sizes.resnet50_width}),
-                        info).to(device).train()
+    plain = case.build().to(device).train()
     images = torch.randn(sizes.resnet50_batch, 3, sizes.resnet50_image, sizes.resnet50_image,
                          device=device)
     labels = torch.randint(0, 10, (sizes.resnet50_batch,), device=device)

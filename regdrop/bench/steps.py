@@ -2,9 +2,9 @@
 against the same model with no method and against a bare hand-written PyTorch loop.
 
 For each model every candidate starts from a copy of the same initial weights, gets its own
-optimizer (regdrop's SGD with Nesterov momentum, no weight decay on norms and biases, as
-the default config) and cosine LR schedule, and cycles through the same few batches held
-on the device (no loader: the data cost is measured apart, in `regdrop.bench.data`). The
+optimizer and LR schedule (the default config's, ``optim=sgd`` and ``lr=cosine``: SGD with
+Nesterov momentum, no weight decay on norms and biases), and cycles through the same few
+batches held on the device (no loader: the data cost is measured apart, in `regdrop.bench.data`). The
 bare loop is what one would write by hand: forward, cross-entropy, backward, optimizer and
 LR-schedule step, zero the gradients. ``none`` against ``bare loop`` is therefore the
 framework's own cost per step (the method hooks, the loss and accuracy kept on the device,
@@ -16,11 +16,12 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from regdrop import train as training
@@ -33,26 +34,40 @@ from regdrop.models import build_model
 from regdrop.optim import build_lr_schedule, build_optimizer
 from regdrop.runtime import Runtime
 
-# The default config's optimizer and LR schedule (conf/optim/sgd.yaml, conf/lr/cosine.yaml).
-OPTIM = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
-LR = {"name": "cosine", "warmup_epochs": 0, "warmup_start_factor": 0.0, "min_factor": 0.0}
+# The config tree `train.py` composes: every section here is a file of it, so the benchmark
+# runs what a user runs (the default optimizer and LR schedule, each method's defaults).
+CONF = Path(__file__).resolve().parents[2] / "conf"
 # A run length for the LR schedule and gyro's periods, longer than any benchmark.
 TOTAL_STEPS = 100_000
 
-# (label, config ``dropout`` section). Rates as the papers use them: p=0.5 for FC dropout,
-# gyro and multi-sample; 0.1 for spatial; block-wise stochastic depth at Huang et al.'s
-# linear 0.5, sample-wise at Composer's card's 0.1.
-METHODS: tuple[tuple[str, dict], ...] = (
-    ("standard", {"name": "standard", "p": 0.5}),
-    ("spatial", {"name": "spatial", "p": 0.1}),
-    ("dropconnect", {"name": "dropconnect", "p": 0.5}),
-    ("gyro", {"name": "gyro", "p": 0.5}),
-    ("multisample M=8", {"name": "multisample", "p": 0.5, "samples": 8}),
-    ("multisample M=1", {"name": "multisample", "p": 0.5, "samples": 1}),
-    ("s.d. block", {"name": "stochastic_depth", "drop_rate": 0.5, "mode": "block",
-                    "distribution": "linear"}),
-    ("s.d. sample", {"name": "stochastic_depth", "drop_rate": 0.1, "mode": "sample",
-                     "distribution": "linear"}),
+
+def config(group: str, name: str, **overrides) -> DictConfig:
+    """Config section ``conf/<group>/<name>.yaml`` with ``overrides`` (``group=name key=value``)."""
+    path = CONF / group / f"{name}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: regdrop.bench reads the project's conf/ tree")
+    return OmegaConf.merge(OmegaConf.load(path), overrides)
+
+
+def optimizer_and_schedule(model: nn.Module):
+    """The default config's optimizer (``optim=sgd``) and LR schedule (``lr=cosine``)."""
+    optimizer = build_optimizer(config("optim", "sgd"), model)
+    schedule = build_lr_schedule(config("lr", "cosine"), optimizer, TOTAL_STEPS, TOTAL_STEPS)
+    return optimizer, schedule
+
+
+# (label, method, overrides of conf/dropout/<method>.yaml). Rates as the papers use them:
+# the files' p=0.5 for FC dropout, gyro and multi-sample, 0.1 for spatial; block-wise
+# stochastic depth at Huang et al.'s linear 0.5, sample-wise at Composer's card's 0.1.
+METHODS: tuple[tuple[str, str, dict], ...] = (
+    ("standard", "standard", {}),
+    ("spatial", "spatial", {}),
+    ("dropconnect", "dropconnect", {}),
+    ("gyro", "gyro", {}),
+    ("multisample M=8", "multisample", {"samples": 8}),
+    ("multisample M=1", "multisample", {"samples": 1}),
+    ("s.d. block", "stochastic_depth", {"drop_rate": 0.5, "mode": "block", "distribution": "linear"}),
+    ("s.d. sample", "stochastic_depth", {"drop_rate": 0.1, "mode": "sample", "distribution": "linear"}),
 )
 
 
@@ -60,14 +75,21 @@ METHODS: tuple[tuple[str, dict], ...] = (
 class ModelCase:
     """A model to step: its config ``model`` section, input shape and batch size."""
 
-    label: str
-    model: dict
+    label: str  # the model's config name (conf/model/<label>.yaml)
     channels: int
     image_size: int
     batch: int
+    options: dict = field(default_factory=dict)  # overrides of the model's config file
+
+    def model_config(self) -> DictConfig:
+        return config("model", self.label, **self.options)
+
+    def build(self) -> nn.Module:
+        info = DataInfo("synthetic", 10, self.channels, self.image_size, TOTAL_STEPS, 0)
+        return build_model(self.model_config(), info)
 
     def describe(self) -> str:
-        options = ", ".join(f"{k}={v}" for k, v in self.model.items() if k != "name")
+        options = ", ".join(f"{k}={v}" for k, v in self.options.items())
         return (f"{self.label} ({options}), batch {self.batch}x{self.channels}x"
                 f"{self.image_size}x{self.image_size}")
 
@@ -81,17 +103,22 @@ def make_batches(case: ModelCase, device: torch.device, count: int = 4, seed: in
             for _ in range(count)]
 
 
-def framework_step(model: nn.Module, runtime: Runtime, batches: list) -> Callable[[], object]:
-    """One optimizer step through `regdrop.train.train_step`, the trainer's own function."""
-    optimizer = build_optimizer(OmegaConf.create(OPTIM), model)
-    parts = training.StepParts(
-        model=model, net=model, optimizer=optimizer,
-        lr_schedule=build_lr_schedule(OmegaConf.create(LR), optimizer, TOTAL_STEPS, TOTAL_STEPS),
+def step_parts(model: nn.Module, net: Callable, runtime: Runtime) -> training.StepParts:
+    """What `regdrop.train.train_step` needs, as the trainer builds it (``net``: the model,
+    or it compiled); the methods are told the run's length."""
+    optimizer, schedule = optimizer_and_schedule(model)
+    setup_run(model, TOTAL_STEPS)
+    return training.StepParts(
+        model=model, net=net, optimizer=optimizer, lr_schedule=schedule,
         scaler=torch.amp.GradScaler(runtime.device.type,
                                     enabled=runtime.autocast_dtype is torch.float16),
         runtime=runtime,
     )
-    setup_run(model, TOTAL_STEPS)
+
+
+def framework_step(model: nn.Module, runtime: Runtime, batches: list) -> Callable[[], object]:
+    """One optimizer step through `regdrop.train.train_step`, the trainer's own function."""
+    parts = step_parts(model, model, runtime)
     stream = itertools.cycle(batches)
     counter = itertools.count()
 
@@ -104,8 +131,7 @@ def framework_step(model: nn.Module, runtime: Runtime, batches: list) -> Callabl
 
 def bare_step(model: nn.Module, runtime: Runtime, batches: list) -> Callable[[], object]:
     """One optimizer step as a hand-written PyTorch loop takes it, same optimizer and data."""
-    optimizer = build_optimizer(OmegaConf.create(OPTIM), model)
-    schedule = build_lr_schedule(OmegaConf.create(LR), optimizer, TOTAL_STEPS, TOTAL_STEPS)
+    optimizer, schedule = optimizer_and_schedule(model)
     stream: Iterator = itertools.cycle(batches)
 
     def run() -> object:
@@ -123,22 +149,21 @@ def bare_step(model: nn.Module, runtime: Runtime, batches: list) -> Callable[[],
 
 def step_comparisons(cases: list[ModelCase], runtime: Runtime, *, repeats: int, warmup: int,
                      min_time_s: float, seed: int = 0,
-                     methods: tuple[tuple[str, dict], ...] = METHODS
+                     methods: tuple[tuple[str, str, dict], ...] = METHODS
                      ) -> tuple[list[Comparison], list[str]]:
     """One `Comparison` per model: bare loop, ``none`` and every method that applies."""
     comparisons, notes = [], []
     for case in cases:
-        info = DataInfo("synthetic", 10, case.channels, case.image_size, TOTAL_STEPS, 0)
         torch.manual_seed(seed)
-        initial = build_model(OmegaConf.create(case.model), info).to(runtime.device).train()
+        initial = case.build().to(runtime.device).train()
         batches = make_batches(case, runtime.device, seed=seed)
         candidates = [Candidate("bare loop", bare_step(copy.deepcopy(initial), runtime, batches)),
                       Candidate("none", framework_step(copy.deepcopy(initial), runtime, batches))]
         pairs = [("none", "bare loop")]
-        for label, method in methods:
+        for label, method, overrides in methods:
             model = copy.deepcopy(initial)
             try:
-                apply_method(model, OmegaConf.create(method), seed=seed)
+                apply_method(model, config("dropout", method, **overrides), seed=seed)
             except ConfigError as err:
                 notes.append(f"steps, {case.label}: {label} does not apply ({err})")
                 continue
