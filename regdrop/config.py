@@ -2,8 +2,9 @@
 
 `validate(cfg)` is the only place that knows the order of the checks: the top level, then
 each section through the check half of its builder (``check_data``, ``check_model``,
-``check_method``, ``check_schedule``, ``check_optim``, ``check_lr``, ``check_trainer``,
-``check_logger``), then what only the sections together decide: the model is built on
+``check_method``, ``check_schedule``, ``check_optim``, ``check_lr``, ``check_loss``,
+``check_trainer``, ``check_logger``), then what only the sections together decide: batch
+mixing pairs samples within a batch, so it needs an even batch; the model is built on
 PyTorch's ``meta`` device (shapes, no memory, no data) for the data's image size and
 classes, and the method is installed into it, so a method the model cannot take, or a
 hyper-parameter that does not fit it, is found before anything real happens. Last, the
@@ -21,6 +22,7 @@ from omegaconf import DictConfig
 from regdrop.data import DataInfo, check_data, data_info
 from regdrop.diagnostics import check_diagnostics
 from regdrop.errors import ConfigError, check_keys
+from regdrop.losses import check_loss, mixes
 from regdrop.methods import apply_method, check_method
 from regdrop.models import build_model, check_model
 from regdrop.optim import check_lr, check_optim
@@ -32,7 +34,7 @@ from regdrop.tracking import check_logger
 TOP_LEVEL_KEYS = {
     "task_name", "seed", "tags", "optimized_metric",
     "data", "model", "dropout", "schedule", "optim", "lr", "trainer", "logger", "paths",
-    "diagnostics", "table",
+    "diagnostics", "table", "loss",
 }
 # Summary keys a sweeper may optimise (`optimized_metric`): what `train` returns.
 OPTIMIZABLE = ("best/test_acc", "test/acc", "test/loss", "train/loss")
@@ -59,6 +61,10 @@ def validate(cfg: DictConfig) -> Checked:
     check_schedule(cfg.schedule)
     check_optim(cfg.optim)
     check_lr(cfg.lr)
+    check_loss(cfg.get("loss"))
+    if mixes(cfg.get("loss")) and cfg.data.batch_size % 2:
+        raise ConfigError("data.batch_size", f"{cfg.data.batch_size} is odd: mixup and CutMix pair each "
+                          "sample of a batch with another (timm's Mixup), so they need an even batch")
     check_trainer(cfg.trainer)
     check_logger(cfg.logger)
     check_diagnostics(cfg.diagnostics)

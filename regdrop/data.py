@@ -5,20 +5,46 @@ path: the whole set is held as one uint8 tensor and batches are sliced, normalis
 augmented on the fly with vectorised tensor ops, instead of decoding a PIL image per
 sample per epoch. ImageNet goes through torchvision's ImageFolder and DataLoader workers.
 
+Augmentation (``data`` keys), on both paths as the papers' code does it:
+
+* ``augment``: random crop + horizontal flip (in memory: zero padding of 4 px, 2 px for
+  Fashion-MNIST; ImageNet: random resized crop);
+* ``crop_size`` (in memory): train on random ``crop_size`` crops without padding, test on
+  the centre crop: the 24 px crops of the Gyro dropout authors' CIFAR code (Lee et al.,
+  MLSys 2022; ``tf.random_crop`` / ``resize_image_with_crop_or_pad``);
+* ``randaugment`` (needs ``augment``): a timm RandAugment policy such as
+  ``rand-m9-mstd0.5-inc1`` (the early-dropout recipe), timm's own PIL implementation
+  (`rand_augment_transform`) with the hyper-parameters timm's `create_transform` gives it
+  (translation 45% of the size, fill with the data set's mean colour). In memory it runs
+  per image on the uint8 batch after crop and flip (PIL images of 32 px cost little), the
+  recipe's order; ImageNet gets timm's `create_transform` training pipeline;
+* ``random_erasing`` (needs ``augment``): timm's `RandomErasing` with this probability
+  (mode ``pixel``, one box), on the normalised batch;
+* ``interpolation``: the resampling of RandAugment's geometric ops and of ImageNet's
+  resizes (the recipe: bicubic).
+
+timm's RandAugment and random erasing draw from Python's, numpy's and torch's global
+generators; the loader seeds them per batch (`seeded_global_random`) from the same
+``(seed, epoch, batch, rank)`` as its own streams, so they stay pure functions of the
+batch's place in the run.
+
 Nothing is downloaded unless ``data.download=true``; a missing data set stops the run
 before training with a message naming ``data.root`` and how to get the data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
+import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
@@ -42,14 +68,21 @@ STATS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
-_COMMON_KEYS = {"name", "root", "download", "batch_size", "eval_batch_size", "num_workers", "subset", "augment", "normalize"}
+_COMMON_KEYS = {"name", "root", "download", "batch_size", "eval_batch_size", "num_workers", "subset", "augment",
+                "normalize", "randaugment", "random_erasing", "interpolation"}
+_IN_MEMORY_KEYS = _COMMON_KEYS | {"crop_size"}
 DATA_KEYS = {
-    "fashion_mnist": _COMMON_KEYS,
-    "cifar10": _COMMON_KEYS,
-    "cifar100": _COMMON_KEYS,
+    "fashion_mnist": _IN_MEMORY_KEYS,
+    "cifar10": _IN_MEMORY_KEYS,
+    "cifar100": _IN_MEMORY_KEYS,
     "imagenet": _COMMON_KEYS | {"image_size"},
-    "synthetic": _COMMON_KEYS | {"channels", "image_size", "num_classes", "num_train", "num_test", "noise"},
+    "synthetic": _IN_MEMORY_KEYS | {"channels", "image_size", "num_classes", "num_train", "num_test", "noise"},
 }
+INTERPOLATIONS = ("bilinear", "bicubic")
+# The augmentation keys a section may leave out (older configs): their "off" values.
+AUGMENT_DEFAULTS = {"randaugment": None, "random_erasing": 0.0, "interpolation": "bilinear", "crop_size": None}
+# Streams of the in-memory loader's generators (derive_seed's first key after the seed).
+_ORDER, _CROP, _RANDAUGMENT, _ERASING = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -82,6 +115,13 @@ class TensorLoader:
     augmentation of the batches it skips. Each `iter` is one epoch: the epoch set by
     `set_epoch` (as torch's ``DistributedSampler``), else the one after the last.
 
+    A training batch is cropped and flipped (``augment``; random ``crop_size`` crops
+    without padding when given, else crops of the full size after ``crop_padding`` px of
+    zeros), passed through ``randaugment`` (per uint8 image), scaled to [0, 1],
+    normalised, and passed through ``random_erasing``; each random op has its own stream,
+    ``derive_seed(seed, k, e, i, rank)`` with k = 1, 2, 3. Without ``augment`` a
+    ``crop_size`` takes the centre crop (the test set's view).
+
     ``drop_last`` keeps every batch the same size, so that steps per epoch is
     ``len(images) // (batch_size * world_size)`` exactly. With ``world_size > 1`` every
     rank draws the same order and takes its slice of each global batch of
@@ -101,6 +141,9 @@ class TensorLoader:
         std: tuple[float, ...] | None,
         augment: bool = False,
         crop_padding: int = 4,
+        crop_size: int | None = None,
+        randaugment: Callable | None = None,
+        random_erasing: Callable | None = None,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -111,6 +154,8 @@ class TensorLoader:
         self.batch_size = batch_size
         self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
         self.crop_padding = crop_padding
+        self.crop_size = crop_size
+        self.randaugment, self.random_erasing = randaugment, random_erasing
         self.seed, self.rank, self.world_size = seed, rank, world_size
         channels = images.shape[1]
         self.mean = None if mean is None else torch.tensor(mean).view(1, channels, 1, 1)
@@ -151,12 +196,25 @@ class TensorLoader:
             yield self._prepare(self.images[index], epoch, i), self.labels[index]
 
     def _prepare(self, images: torch.Tensor, epoch: int = 0, batch: int = 0) -> torch.Tensor:
-        x = images.float().div_(255.0)
+        def seed(stream: int) -> int:
+            return derive_seed(self.seed, stream, epoch, batch, self.rank)
+
+        x = images
         if self.augment:
-            seed = derive_seed(self.seed, 1, epoch, batch, self.rank)
-            x = random_crop_flip(x, self.crop_padding, torch.Generator().manual_seed(seed))
+            # Crop and flip move whole pixels: on uint8 they give exactly what they give on floats.
+            padding = 0 if self.crop_size else self.crop_padding
+            x = random_crop_flip(x, padding, torch.Generator().manual_seed(seed(_CROP)), size=self.crop_size)
+        elif self.crop_size:
+            x = center_crop(x, self.crop_size)
+        if self.randaugment is not None:
+            with seeded_global_random(seed(_RANDAUGMENT)):
+                x = rand_augment_batch(x, self.randaugment)
+        x = x.float().div_(255.0)
         if self.mean is not None:
             x = x.sub_(self.mean).div_(self.std)
+        if self.random_erasing is not None:
+            with seeded_global_random(seed(_ERASING)):
+                x = self.random_erasing(x)
         return x
 
     def state_dict(self) -> dict:
@@ -166,12 +224,19 @@ class TensorLoader:
         self.set_epoch(state["epoch"], state["position"])
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """CIFAR-style augmentation of a batch: random crop after zero padding, random h-flip."""
+def random_crop_flip(
+    x: torch.Tensor, padding: int, generator: torch.Generator, size: int | None = None
+) -> torch.Tensor:
+    """CIFAR-style augmentation of a batch: a random ``size`` x ``size`` crop (default: the
+    image's own size) after ``padding`` px of zeros, and a random horizontal flip."""
     n, _, h, w = x.shape
+    out_h, out_w = (h, w) if size is None else (size, size)
+    if out_h > h + 2 * padding or out_w > w + 2 * padding:
+        raise ValueError(f"a {out_h} x {out_w} crop does not fit {h} x {w} images padded by {padding}")
     padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dy = torch.randint(0, h + 2 * padding - out_h + 1, (n,), generator=generator)
+    dx = torch.randint(0, w + 2 * padding - out_w + 1, (n,), generator=generator)
+    h, w = out_h, out_w
     rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1)
     cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w)
     flip = torch.rand(n, generator=generator) < 0.5
@@ -179,6 +244,94 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) 
     batch = torch.arange(n).view(n, 1, 1, 1)
     channel = torch.arange(x.shape[1]).view(1, -1, 1, 1)
     return padded[batch, channel, rows, cols]
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre ``size`` x ``size`` crop of a batch (TensorFlow's
+    ``resize_image_with_crop_or_pad`` on a larger image: offsets rounded down)."""
+    h, w = x.shape[-2:]
+    if size > min(h, w):
+        raise ValueError(f"a {size} px crop does not fit {h} x {w} images")
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+@contextlib.contextmanager
+def seeded_global_random(seed: int) -> Iterator[None]:
+    """Seed Python's, numpy's and torch's (CPU) global generators with ``seed`` for the
+    block, then put their states back: a library op that draws from them (timm's
+    RandAugment, random erasing, mixup) becomes a pure function of ``seed`` and leaves
+    every other stream of the run untouched. CUDA generators are not touched."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def randaugment_transform(policy: str, image_size: int, mean: tuple[float, ...] | None,
+                          interpolation: str = "bilinear") -> Callable:
+    """timm's RandAugment for a policy string (``rand-m9-mstd0.5-inc1``), with the
+    hyper-parameters timm's `create_transform` gives it: translations up to 45% of the
+    image size, the data set's mean colour as fill, the configured resampling."""
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    mean = mean or (0.5,)
+    fill = tuple(min(255, round(255 * m)) for m in mean)
+    hparams = {"translate_const": int(image_size * 0.45), "img_mean": fill if len(fill) > 1 else fill[0],
+               "interpolation": {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]}
+    return posterize_to_zero_bits(rand_augment_transform(policy, hparams))
+
+
+def posterize_to_zero_bits(transform: Callable) -> Callable:
+    """Let the posterize ops of a timm RandAugment (found anywhere in ``transform``) keep 0
+    bits. timm's increasing posterize keeps ``4 - int(0.4 * magnitude)`` bits, 0 at magnitude
+    10, which ``m9`` with magnitude noise reaches; PIL 10 and later refuse 0 bits (an
+    error mid-epoch), older PIL returned a black image. This restores that meaning."""
+    from timm.data import auto_augment
+
+    def posterize(img, bits_to_keep, **_):
+        if bits_to_keep <= 0:
+            return img.point(lambda _: 0)
+        return auto_augment.posterize(img, bits_to_keep)
+
+    for op in getattr(transform, "ops", []):
+        if getattr(op, "aug_fn", None) is auto_augment.posterize:
+            op.aug_fn = posterize
+    for inner in getattr(transform, "transforms", []):
+        posterize_to_zero_bits(inner)
+    return transform
+
+
+def rand_augment_batch(images: torch.Tensor, transform: Callable) -> torch.Tensor:
+    """Apply a PIL transform (timm's RandAugment) to every image of a uint8
+    ``N x C x H x W`` batch (C = 1 or 3); returns a new uint8 batch of the same shape."""
+    from PIL import Image
+
+    if images.dtype != torch.uint8:
+        raise ValueError(f"RandAugment works on uint8 images, got {images.dtype}")
+    grey = images.shape[1] == 1
+    pixels = images.permute(0, 2, 3, 1).numpy()
+    out = np.empty_like(pixels)
+    for i, image in enumerate(pixels):
+        pil = Image.fromarray(image[..., 0] if grey else image, mode="L" if grey else "RGB")
+        result = np.asarray(transform(pil))
+        out[i] = result[..., None] if grey else result
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def random_erasing_transform(probability: float) -> Callable:
+    """timm's `RandomErasing` as the early-dropout recipe uses it (mode ``pixel``: the box
+    is filled with normal noise, the normalised data's scale; one box), on CPU batches."""
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(probability, mode="pixel", max_count=1, device="cpu")
 
 
 # (channels, image size, classes, train images, test images) of the fixed data sets.
@@ -203,6 +356,7 @@ def check_data(cfg) -> None:
     for key in ("download", "augment", "normalize"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"data.{key}", f"must be true or false, got {cfg[key]!r}")
+    _check_augmentation(cfg)
     if name == "synthetic":
         for key in ("channels", "image_size", "num_classes", "num_train", "num_test"):
             check_number(cfg[key], f"data.{key}", integer=True, minimum=1)
@@ -210,10 +364,47 @@ def check_data(cfg) -> None:
     if name == "imagenet":
         check_number(cfg.image_size, "data.image_size", integer=True, minimum=1)
     info = data_info(cfg)
+    crop = augmentation(cfg)["crop_size"]
+    full = cfg.image_size if name == "synthetic" else SHAPES.get(name, (0, 0))[1]
+    if crop is not None and crop > full:
+        raise ConfigError("data.crop_size", f"a {crop} px crop does not fit the {full} px images of {name}; "
+                          f"use at most {full}, or null for full-size images")
     if cfg.subset is not None and info.num_train and cfg.subset > SHAPES.get(name, (0,) * 4)[3] > 0:
         raise ConfigError("data.subset", f"must be in 1..{SHAPES[name][3]} or null, got {cfg.subset}")
     if not cfg.download:
         _check_present(cfg)
+
+
+def augmentation(cfg) -> dict:
+    """The augmentation keys of a ``data`` section, the left-out ones at their "off" value."""
+    return {key: cfg.get(key, default) for key, default in AUGMENT_DEFAULTS.items()}
+
+
+def _check_augmentation(cfg) -> None:
+    options = augmentation(cfg)
+    policy = options["randaugment"]
+    if policy is not None:
+        try:
+            if not isinstance(policy, str) or not policy.startswith("rand"):
+                raise ValueError("not a RandAugment policy")
+            randaugment_transform(policy, 32, None)
+        except Exception as err:  # timm's parser raises assertion, key and value errors
+            raise ConfigError("data.randaugment", f"{policy!r} is not a timm RandAugment policy ({err}); "
+                              "use null or a string such as rand-m9-mstd0.5-inc1 (magnitude 9, "
+                              "magnitude noise 0.5, increasing ops)") from None
+    check_number(options["random_erasing"], "data.random_erasing", minimum=0)
+    if options["random_erasing"] > 1:
+        raise ConfigError("data.random_erasing", f"is a probability: must be in [0, 1], got "
+                          f"{options['random_erasing']!r}")
+    if options["interpolation"] not in INTERPOLATIONS:
+        raise ConfigError("data.interpolation", f"unknown resampling {options['interpolation']!r}; "
+                          f"valid: {', '.join(INTERPOLATIONS)}")
+    check_number(options["crop_size"], "data.crop_size", integer=True, minimum=1, optional=True)
+    for key in ("randaugment", "random_erasing"):
+        if options[key] and not cfg.augment:
+            raise ConfigError(f"data.{key}", f"{options[key]!r} adds to the training augmentation, which "
+                              "data.augment=false turns off; set data.augment=true, or this key to its off "
+                              "value (null / 0)")
 
 
 def data_info(cfg) -> DataInfo:
@@ -229,6 +420,8 @@ def data_info(cfg) -> DataInfo:
     else:
         shape = SHAPES[name]
     channels, size, classes, num_train, num_test = shape
+    if name != "imagenet" and cfg.get("crop_size") is not None:
+        size = cfg.crop_size  # the models see the crops
     if cfg.subset is not None and num_train:
         num_train = min(num_train, cfg.subset)
     elif cfg.subset is not None:
@@ -279,22 +472,30 @@ def build_data(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
             "training images; lower data.batch_size or raise data.subset",
         )
     mean, std = STATS.get(name, (None, None)) if cfg.normalize else (None, None)
+    options = augmentation(cfg)
+    crop = options["crop_size"]
     info = DataInfo(
         name=name,
         num_classes=num_classes,
         channels=train_x.shape[1],
-        image_size=train_x.shape[-1],
+        image_size=crop or train_x.shape[-1],
         num_train=len(train_y),
         num_test=len(test_y),
     )
     padding = 2 if name == "fashion_mnist" else 4
+    policy = options["randaugment"]
     train = TensorLoader(
         train_x, train_y, cfg.batch_size, shuffle=True, drop_last=True, mean=mean, std=std,
-        augment=cfg.augment, crop_padding=padding, seed=seed, rank=rank, world_size=world_size,
+        augment=cfg.augment, crop_padding=padding, crop_size=crop,
+        randaugment=randaugment_transform(policy, info.image_size, STATS.get(name, (None,))[0],
+                                          options["interpolation"]) if cfg.augment and policy else None,
+        random_erasing=random_erasing_transform(options["random_erasing"])
+        if cfg.augment and options["random_erasing"] else None,
+        seed=seed, rank=rank, world_size=world_size,
     )
     test = TensorLoader(
         test_x, test_y, cfg.eval_batch_size, shuffle=False, drop_last=False, mean=mean, std=std,
-        rank=rank, world_size=world_size,
+        crop_size=crop, rank=rank, world_size=world_size,
     )
     return Data(info, train, test)
 
@@ -392,14 +593,29 @@ def _imagenet(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Data:
     mean, std = STATS["imagenet"]
     norm = [transforms.Normalize(mean, std)] if cfg.normalize else []
     size = cfg.image_size
-    train_tf = (
-        [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
-        if cfg.augment
-        else [transforms.Resize(int(size * 8 / 7)), transforms.CenterCrop(size)]
-    )
-    test_tf = [transforms.Resize(int(size * 8 / 7)), transforms.CenterCrop(size)]
-    train_set = datasets.ImageFolder(root / "train", transforms.Compose([*train_tf, transforms.ToTensor(), *norm]))
-    test_set = datasets.ImageFolder(root / "val", transforms.Compose([*test_tf, transforms.ToTensor(), *norm]))
+    options = augmentation(cfg)
+    resample = getattr(transforms.InterpolationMode, options["interpolation"].upper())
+    # Resize to size / 0.875 (256 for 224), then the centre crop: the usual evaluation view.
+    center = [transforms.Resize(int(size * 8 / 7), interpolation=resample), transforms.CenterCrop(size)]
+    if cfg.augment and (options["randaugment"] is not None or options["random_erasing"]):
+        # The recipe's pipeline, as timm builds it: random resized crop, flip, RandAugment,
+        # tensor, normalise, random erasing (timm leaves colour jitter off under RandAugment).
+        from timm.data import create_transform
+
+        train_transform = posterize_to_zero_bits(create_transform(
+            size, is_training=True, color_jitter=None,
+            auto_augment=options["randaugment"], interpolation=options["interpolation"],
+            re_prob=options["random_erasing"], re_mode="pixel", re_count=1,
+            mean=mean if cfg.normalize else (0.0,) * 3, std=std if cfg.normalize else (1.0,) * 3,
+        ))
+    else:
+        train_tf = (
+            [transforms.RandomResizedCrop(size, interpolation=resample), transforms.RandomHorizontalFlip()]
+            if cfg.augment else center
+        )
+        train_transform = transforms.Compose([*train_tf, transforms.ToTensor(), *norm])
+    train_set = datasets.ImageFolder(root / "train", train_transform)
+    test_set = datasets.ImageFolder(root / "val", transforms.Compose([*center, transforms.ToTensor(), *norm]))
     generator = torch.Generator().manual_seed(seed)
     if cfg.subset is not None:
         # A seeded random subset: ImageFolder lists files class by class, so the first N

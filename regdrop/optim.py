@@ -1,4 +1,17 @@
-"""Optimizers (``optim`` group) and per-step learning-rate schedules (``lr`` group)."""
+"""Optimizers (``optim`` group) and per-step learning-rate schedules (``lr`` group).
+
+Two rules of the papers' recipes live here:
+
+* The LR scaling rule (Goyal et al. 2017; the early-dropout code's "lr 4e-3 at batch
+  4096"): with ``optim.reference_batch`` set, ``optim.lr`` is the rate at that global
+  batch and the run uses ``lr * global_batch / reference_batch``, where the global batch
+  is ``data.batch_size x trainer.grad_accum x`` the number of processes. So a table
+  launched on 1 GPU or on 8 trains the same recipe. Null: ``optim.lr`` as given.
+* No weight decay on norms, biases (every parameter of one dimension) and the parameters
+  a timm model lists in its ``no_weight_decay()`` (ViT's position embedding and class
+  token, Swin's relative position bias tables): the parameter groups of the early-dropout
+  code (``get_parameter_groups`` with the model's ``no_weight_decay`` skip list).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +29,8 @@ _OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, {"lr", "betas", "weight_decay"}),
     "rmsprop": (torch.optim.RMSprop, {"lr", "alpha", "momentum", "eps", "weight_decay"}),
 }
+# Keys of every optimizer that are regdrop's, not the torch optimizer's.
+_OWN_KEYS = {"reference_batch"}
 _LR_KEYS = {
     "cosine": {"warmup_epochs", "warmup_start_factor", "min_factor"},
     "multistep": {"milestones", "gamma"},
@@ -35,9 +50,11 @@ def check_optim(cfg) -> None:
     if cfg.name not in _OPTIMIZERS:
         raise ConfigError("optim.name", f"unknown optimizer {cfg.name!r}; valid: {', '.join(_OPTIMIZERS)}")
     _, valid = _OPTIMIZERS[cfg.name]
-    options = _options(cfg, "optim", valid)
+    options = _options(cfg, "optim", valid | _OWN_KEYS)
     for key, value in options.items():
-        if key == "betas":
+        if key == "reference_batch":
+            check_number(value, "optim.reference_batch", integer=True, minimum=1, optional=True)
+        elif key == "betas":
             if len(value) != 2:
                 raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {list(value)}")
             for beta in value:
@@ -51,20 +68,57 @@ def check_optim(cfg) -> None:
             check_number(value, f"optim.{key}", minimum=0)
 
 
-def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of the config ``optim`` section; no weight decay on norms and biases."""
+def scaled_lr(cfg, global_batch: int | None) -> float:
+    """The learning rate a run uses: ``optim.lr`` scaled linearly from
+    ``optim.reference_batch`` to ``global_batch`` (unscaled without either)."""
+    reference = cfg.get("reference_batch")
+    if reference is None or global_batch is None:
+        return cfg.lr
+    return cfg.lr * global_batch / reference
+
+
+def no_weight_decay_names(model: nn.Module) -> list[str]:
+    """The parameters that get no weight decay: those of one dimension (norms, biases) and
+    those the model's ``no_weight_decay()`` names (timm's models)."""
+    listed = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    return [name for name, param in model.named_parameters()
+            if param.requires_grad and (param.ndim <= 1 or name in listed)]
+
+
+def build_optimizer(cfg, model: nn.Module, global_batch: int | None = None) -> torch.optim.Optimizer:
+    """The optimizer of the config ``optim`` section at the scaled learning rate
+    (`scaled_lr`); no weight decay on `no_weight_decay_names`."""
     check_optim(cfg)
     cls, valid = _OPTIMIZERS[cfg.name]
-    options = _options(cfg, "optim", valid)
+    options = _options(cfg, "optim", valid | _OWN_KEYS)
+    options.pop("reference_batch", None)
+    options["lr"] = scaled_lr(cfg, global_batch)
+    skip = set(no_weight_decay_names(model))
     decay, no_decay = [], []
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
+            (no_decay if name in skip else decay).append(param)
     groups = [
         {"params": decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return cls(groups, **options)
+
+
+def describe_optimizer(cfg, global_batch: int, model: nn.Module | None = None) -> str:
+    """One line for the run's header: the optimizer, the learning rate it uses and where
+    that rate comes from, the weight decay and what it spares."""
+    lr = scaled_lr(cfg, global_batch)
+    reference = cfg.get("reference_batch")
+    source = (f" (optim.lr {cfg.lr:g} at reference batch {reference}, scaled to global batch {global_batch})"
+              if reference is not None else "")
+    spared = "norms and biases"
+    if model is not None and callable(getattr(model, "no_weight_decay", None)):
+        params = {name for name, _ in model.named_parameters()}
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in model.no_weight_decay() if n in params})
+        spared += "".join(f", {n}" for n in leaves)
+    decay = cfg.get("weight_decay", 0.0)
+    return f"{cfg.name} lr {lr:g}{source}, weight decay {decay:g} (none on {spared})"
 
 
 def check_lr(cfg) -> None:

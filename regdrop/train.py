@@ -32,6 +32,7 @@ from regdrop.config import validate
 from regdrop.data import build_data, set_epoch
 from regdrop.diagnostics import Diagnostics, train_test_gap
 from regdrop.errors import ConfigError
+from regdrop.losses import build_loss, describe_loss, hard_labels
 from regdrop.methods import (
     apply_method,
     begin_step,
@@ -42,7 +43,7 @@ from regdrop.methods import (
     training_loss,
 )
 from regdrop.models import build_model
-from regdrop.optim import build_lr_schedule, build_optimizer
+from regdrop.optim import build_lr_schedule, build_optimizer, describe_optimizer
 from regdrop.plots import plot_schedules
 from regdrop.preemption import Preemption
 from regdrop.runfolder import RunFolder, config_hash
@@ -72,12 +73,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     schedule = DropSchedule.from_config(cfg.schedule, per_epoch)
     model.to(runtime.device)
     setup_run(model, total_steps, runtime.rank, runtime.world_size)
-    optimizer = build_optimizer(cfg.optim, model)
+    optimizer = build_optimizer(cfg.optim, model, global_batch(cfg, runtime))  # lr scaled to the batch
+    loss = build_loss(cfg.get("loss"), data.info.num_classes, seed=cfg.seed, rank=runtime.rank)
     parts = StepParts(
         model=model, net=model, optimizer=optimizer,
         lr_schedule=build_lr_schedule(cfg.lr, optimizer, per_epoch, total_steps),
         scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.autocast_dtype is torch.float16),
         runtime=runtime, grad_accum=trainer.grad_accum, grad_clip=trainer.grad_clip,
+        loss_fn=loss.fn, mix=loss.mix,
     )
     peak, state = peak_rate(model), TrainState()
     # Off by default; on, it measures without changing training (docs/diagnostics.md).
@@ -170,8 +173,10 @@ def announce(tracker, cfg, data, model, report, checked, runtime, per_epoch, tot
     batch = cfg.data.batch_size
     tracker.print(f"regdrop: {cfg.model.name} ({parameters / 1e6:.2f}M parameters) on {data.info.name}, "
                   f"{runtime.device} x {runtime.world_size} process(es), batch {batch} per process x "
-                  f"{cfg.trainer.grad_accum} micro-batches = {batch * runtime.world_size * cfg.trainer.grad_accum} "
+                  f"{cfg.trainer.grad_accum} micro-batches = {global_batch(cfg, runtime)} "
                   f"global, {per_epoch} steps/epoch, {total_steps} steps")
+    tracker.print(f"optimizer: {describe_optimizer(cfg.optim, global_batch(cfg, runtime), model)}")
+    tracker.print(f"loss: {describe_loss(cfg.get('loss'))}")
     if state.step:
         tracker.print(f"resumed at optimizer step {state.step} (epoch {state.next_epoch()})")
     tracker.print(f"method: {report.describe_method()}")
@@ -240,6 +245,11 @@ def restore(path: Path, parts: StepParts, state: TrainState, diagnostics) -> dic
     return saved
 
 
+def global_batch(cfg: DictConfig, runtime: Runtime) -> int:
+    """Samples per optimizer step over all processes (the LR scaling rule's batch)."""
+    return cfg.data.batch_size * cfg.trainer.grad_accum * runtime.world_size
+
+
 def run_length(cfg: DictConfig, num_train: int, world_size: int = 1) -> tuple[int, int]:
     """Optimizer steps per epoch and in the whole run (``trainer.max_steps`` caps it)."""
     trainer = cfg.trainer
@@ -259,7 +269,9 @@ def run_length(cfg: DictConfig, num_train: int, world_size: int = 1) -> tuple[in
 @dataclass
 class StepParts:
     """What one optimizer step uses: the model (``net`` is it compiled, or itself), the
-    optimizer and its LR schedule, the fp16 grad scaler, and how to accumulate and clip."""
+    optimizer and its LR schedule, the fp16 grad scaler, how to accumulate and clip, the
+    loss and the batch mixer (mixup / CutMix: ``mix(x, y, step, micro)`` gives mixed
+    images and soft targets; None: batches as loaded)."""
 
     model: torch.nn.Module
     net: Callable[[torch.Tensor], torch.Tensor]
@@ -270,6 +282,7 @@ class StepParts:
     grad_accum: int = 1
     grad_clip: float | None = None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    mix: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -295,6 +308,8 @@ def train_step(parts: StepParts, batches: Iterator, step: int, factor: float) ->
     for micro in range(parts.grad_accum):
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if parts.mix is not None:  # y becomes B x C soft targets
+            x, y = parts.mix(x, y, step, micro)
         # Under DDP only the last micro-batch's backward all-reduces the gradients.
         last = micro == parts.grad_accum - 1
         sync = contextlib.nullcontext() if last or not hasattr(parts.net, "no_sync") else parts.net.no_sync()
@@ -304,7 +319,7 @@ def train_step(parts: StepParts, batches: Iterator, step: int, factor: float) ->
                 loss = training_loss(logits.float(), y, parts.loss_fn)
             parts.scaler.scale(loss / parts.grad_accum).backward()
         loss_sum += loss.detach()
-        correct += (predictions(logits.detach()).argmax(-1) == y).sum()
+        correct += (predictions(logits.detach()).argmax(-1) == hard_labels(y)).sum()
         samples += len(y)
     if parts.grad_clip is not None:
         parts.scaler.unscale_(parts.optimizer)
