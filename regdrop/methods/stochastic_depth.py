@@ -134,6 +134,9 @@ class BranchGate(DropModule):
         self.scaling = scaling
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
+        # The block-mode draw is made in place in this CPU scalar: the same stream as
+        # ``torch.rand((), generator=...)``, at half its cost (no allocation per draw).
+        self._uniform = torch.empty(())
 
     @property
     def skips_computation(self) -> bool:
@@ -141,19 +144,28 @@ class BranchGate(DropModule):
         (the same on every data-parallel rank, whose gates draw alike)."""
         return self.mode == "block"
 
-    @torch.compiler.disable
     def keep(self) -> bool:
         """Whether the branch is computed in this forward (draws the gate in block mode).
 
-        Run eagerly under ``torch.compile``: the answer decides which code runs.
+        Under ``torch.compile`` the draw runs eagerly (a graph break): the answer decides
+        which code runs.
         """
         if not (self.training and self.mode == "block"):
             return True
+        if torch.compiler.is_compiling():
+            return self._draw_keep_eagerly()
+        return self._draw_keep()
+
+    def _draw_keep(self) -> bool:
         # One draw per call, even at rate 0, so the gate stream does not depend on the
         # schedule; u in [0, 1) and ``u >= 0`` always holds, so rate 0 keeps every branch.
         # Block mode decides in Python: `rate_value` reads the device only on a change.
-        draw = float(torch.rand((), generator=self.generator))
+        draw = float(self._uniform.uniform_(generator=self.generator))
         return draw >= self.rate_value()
+
+    @torch.compiler.disable
+    def _draw_keep_eagerly(self) -> bool:
+        return self._draw_keep()
 
     def forward(self, branch: torch.Tensor) -> torch.Tensor:
         if self.training:
