@@ -26,7 +26,17 @@ WITH_WANDB = [o for o in TINY if o != "logger=none"]
 
 
 def job_dirs(sweep: Path) -> list[Path]:
-    return sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    """The sweep's job folders (named by their config hash), in job-number order."""
+    def number(job: Path) -> int:
+        return yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["num"]
+
+    return sorted((p.parent.parent for p in sweep.rglob(".hydra/config.yaml")), key=number)
+
+
+def failed_jobs(sweep: Path) -> list[str]:
+    """Jobs rejected before they wrote a folder (regdrop.cli records them)."""
+    path = sweep / "failed_jobs.txt"
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def job_overrides(job: Path) -> dict[str, str]:
@@ -170,10 +180,10 @@ def test_submitit_requeues_a_timed_out_job_into_the_same_job_folder(tmp_path):
                      f"paths.data_dir={tmp_path / 'data'}", timeout=600)
     assert result.returncode != 0 and "timed-out too many times" in result.stderr
     [sweep] = (tmp_path / "train" / "multiruns").iterdir()  # ${now:...} resolved once
-    assert [j.name for j in job_dirs(sweep)] == ["0"]
+    [job] = job_dirs(sweep)
     [log] = (sweep / ".submitit").glob("*/*_0_log.err")
     assert log.read_text().count("Caught signal SIGUSR2") == 4  # the first run and 3 requeues
-    assert (sweep / "0" / "metrics.jsonl").exists()
+    assert (job / "metrics.jsonl").exists()
 
 
 # --- Optuna: hparams_search=gyro_optuna ---------------------------------------------------
@@ -184,12 +194,15 @@ def is_invalid(job: Path) -> bool:
 
 
 def check_study(sweep: Path, output: str, n_trials: int) -> None:
-    jobs = job_dirs(sweep)
-    assert len(jobs) == n_trials
-    invalid = [j for j in jobs if is_invalid(j)]
+    jobs = job_dirs(sweep)  # the trials that trained; an invalid one stops before writing a folder
+    invalid = failed_jobs(sweep)
     assert invalid, "the seeded search space gives an invalid trial first"
-    for job in jobs:  # an invalid trial stops before training; every other one trains
-        assert (job / "metrics.json").exists() != is_invalid(job), job
+    assert len(jobs) + len(invalid) == n_trials
+    for job in jobs:
+        assert (job / "metrics.json").exists() and not is_invalid(job), job
+    for line in invalid:
+        values = dict(item.split("=", 1) for item in line.split("(", 1)[1].split(")", 1)[0].split())
+        assert int(values["dropout.tau"]) > int(values["dropout.sigma"])
     assert output.count("Failed experiment: dropout.tau") == len(invalid)
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     best = results["best_params"]
@@ -206,7 +219,7 @@ def test_optuna_invalid_trial_fails_and_the_study_goes_on(tmp_path):
     result = run_cli("-m", "hparams_search=gyro_optuna", "hydra.sweeper.n_trials=2", *TINY,
                      *TINY_MODELS["lenet"], f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path / 'data'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert is_invalid(sweep / "0") and not is_invalid(sweep / "1")
+    assert "job 0 (" in failed_jobs(sweep)[0] and len(job_dirs(sweep)) == 1
     check_study(sweep, result.stdout + result.stderr, n_trials=2)
 
 
