@@ -129,31 +129,48 @@ def gyro_dropout(
 def _multiply_sub_batches(
     x: torch.Tensor, masks: torch.Tensor, axis: int, shard: tuple[int, int]
 ) -> torch.Tensor:
-    """``x`` times the mask row of each of its samples (see `gyro_dropout`), as one broadcast
-    multiply whenever the sub-batches fall on whole groups of samples.
+    """``x`` times the mask row of each of its samples (see `gyro_dropout`)."""
+    multiplier, groups = _sub_batch_multiplier(masks, x.shape[0], x.dim(), axis, shard)
+    return _apply_multiplier(x, multiplier, groups)
+
+
+def _sub_batch_multiplier(
+    masks: torch.Tensor, batch: int, ndim: int, axis: int, shard: tuple[int, int]
+) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """What ``x`` (``batch`` samples, ``ndim`` axes) is multiplied by, and how ``x`` is
+    grouped for it: one broadcast multiply whenever the sub-batches are whole groups of
+    samples.
 
     With ``size = B * W / tau`` samples per sub-batch (the usual ``B % tau == 0`` on one
     process): if ``size`` divides ``B``, ``x`` is viewed as ``B/size x size x ...`` and
-    multiplied by its ``B/size`` consecutive rows; if ``B`` divides ``size``, the whole
-    slice uses one row. No per-sample mask is built, and the backward is one multiply.
-    Otherwise (uneven sub-batches) each sample's row is gathered into a ``B x d`` mask.
+    multiplied by its ``B/size`` consecutive rows (``groups = (B/size, size)``); if ``B``
+    divides ``size``, the whole slice uses one row. No per-sample mask is built, and the
+    backward is one multiply. Otherwise (uneven sub-batches) each sample's row is gathered
+    into a ``B x d`` mask (``groups = None`` in both of these cases).
     """
-    batch = x.shape[0]
     tau, width = masks.shape
     rank, world_size = shard
     total = batch * world_size
-    shape = [1] * x.dim()
+    shape = [1] * ndim
     shape[axis] = width
     if total and total % tau == 0:
         size, first = total // tau, rank * batch
         if batch % size == 0:  # then ``first`` is a multiple of ``size`` too
             start, count = first // size, batch // size
-            groups = x.unflatten(0, (count, size))
-            return (groups * masks[start : start + count].view(count, *shape)).flatten(0, 1)
+            return masks[start : start + count].view(count, *shape), (count, size)
         if size % batch == 0:  # the slice lies inside one sub-batch
-            return x * masks[first // size].view(shape)
-    which = (torch.arange(batch, device=x.device) + rank * batch) * tau // total
-    return x * masks[which].view(batch, *shape[1:])
+            return masks[first // size].view(shape), None
+    which = (torch.arange(batch, device=masks.device) + rank * batch) * tau // total
+    return masks[which].view(batch, *shape[1:]), None
+
+
+def _apply_multiplier(
+    x: torch.Tensor, multiplier: torch.Tensor, groups: tuple[int, int] | None
+) -> torch.Tensor:
+    if groups is None:
+        return x * multiplier
+    # ``reshape`` is a view of any batch-contiguous input; the product is contiguous.
+    return (x.reshape(*groups, *x.shape[1:]) * multiplier).view(x.shape)
 
 
 def _batch_free_axis(mask_axis: int, ndim: int) -> int:
@@ -283,8 +300,8 @@ class GyroDropout(DropModule):
         self._reset_selection()
         self._step: int | None = None  # the step of the last begin_step, None before any
         self._ready = False  # bank drawn, period known, a step begun: see forward
-        # (key, masks) of the last eager training forward: see `_cached_masks`.
-        self._mask_cache: tuple[tuple, torch.Tensor] | None = None
+        # The last eager training forward's multiplier and its key: `_cached_multiplier`.
+        self._mask_cache: tuple | None = None
         if width is not None:
             self._draw_bank(width, torch.device("cpu"))
         if total_steps is not None:
@@ -385,37 +402,44 @@ class GyroDropout(DropModule):
         if torch.compiler.is_compiling():
             # Traced: the masks come from the rate tensor inside the graph (no recompiles).
             return gyro_dropout(x, self.masks(), self.mask_axis, self.shard)
-        axis = _batch_free_axis(self.mask_axis, x.dim())
+        multiplier, groups = self._cached_multiplier(x)
+        return _apply_multiplier(x, multiplier, groups)
+
+    def _cached_multiplier(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """The active masks at the rate in force, scaled, in ``x``'s dtype and device, laid
+        out for ``x``'s batch (`_sub_batch_multiplier`).
+
+        They change only when the rate, the selection or the bank does, so eager forwards
+        reuse them: the key holds those buffers' version counters (bumped by every in-place
+        change: `set_rate_factor`, a new selection, ``load_state_dict``) and the buffers
+        themselves (``.to(device)`` and a redrawn bank make new ones), with the batch size,
+        rank, dtype and device of ``x``.
+        """
+        buffers = self._buffers  # not the attributes: nn.Module.__getattr__ costs per call
+        rate, selection, scores = buffers["rate"], buffers["selection"], buffers["scores"]
+        try:
+            key = (x.shape[0], x.dim(), x.dtype, x.device, self.shard, self.scaling,
+                   rate._version, selection._version, scores._version)
+        except RuntimeError:  # inference-mode tensors carry no version counter
+            key = None
+        cached = self._mask_cache
+        if (key is not None and cached is not None and cached[0] == key and cached[1] is rate
+                and cached[2] is selection and cached[3] is scores):
+            axis, multiplier, groups = cached[4:]
+        else:
+            axis = _batch_free_axis(self.mask_axis, x.dim())
+            with torch.no_grad():
+                masks = self.masks().to(device=x.device, dtype=x.dtype)
+            multiplier, groups = _sub_batch_multiplier(masks, x.shape[0], x.dim(), axis,
+                                                       self.shard)
+            if key is not None:
+                self._mask_cache = (key, rate, selection, scores, axis, multiplier, groups)
         if x.shape[axis] != self.width:
             raise ValueError(
                 f"gyro masks have {self.width} features but the input has {x.shape[axis]} "
                 f"along axis {axis}"
             )
-        return _multiply_sub_batches(x, self._cached_masks(x), axis, self.shard)
-
-    def _cached_masks(self, x: torch.Tensor) -> torch.Tensor:
-        """The active masks at the rate in force, scaled, in ``x``'s dtype and device.
-
-        They change only when the rate, the selection or the bank does, so eager forwards
-        reuse them: the key holds those buffers and their version counters (bumped by every
-        in-place change: `set_rate_factor`, a new selection, ``load_state_dict``), and a new
-        buffer object (``.to(device)``, a redrawn bank) is a new key.
-        """
-        buffers = (self.rate, self.selection, self.scores)
-        try:
-            key = (*buffers, *(b._version for b in buffers), x.dtype, x.device, self.scaling)
-        except RuntimeError:  # inference-mode tensors carry no version counter
-            return self.masks().to(device=x.device, dtype=x.dtype)
-        cached = self._mask_cache
-        if cached is None or len(cached[0]) != len(key) or not all(
-            a is b if isinstance(a, torch.Tensor) else a == b
-            for a, b in zip(cached[0], key, strict=True)
-        ):
-            with torch.no_grad():
-                masks = self.masks().to(device=x.device, dtype=x.dtype)
-            cached = (key, masks)
-            self._mask_cache = cached
-        return cached[1]
+        return multiplier, groups
 
     def _prepare(self, x: torch.Tensor) -> None:
         """First training forward: check the period, draw a lazy bank, select period 0."""
