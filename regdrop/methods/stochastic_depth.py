@@ -74,6 +74,7 @@ from regdrop.methods.base import (
     check_rate,
     derive_seed,
     keep_mask,
+    keep_scale,
     refuse_reapply,
     replace_module,
 )
@@ -137,6 +138,7 @@ class BranchGate(DropModule):
         # The block-mode draw is made in place in this CPU scalar: the same stream as
         # ``torch.rand((), generator=...)``, at half its cost (no allocation per draw).
         self._uniform = torch.empty(())
+        self._scale_of = (-1.0, 1.0)  # (rate, its keep_scale as a float): `_sample_mask`
 
     @property
     def skips_computation(self) -> bool:
@@ -170,8 +172,12 @@ class BranchGate(DropModule):
     def forward(self, branch: torch.Tensor) -> torch.Tensor:
         if self.training:
             if self.mode == "sample":
-                return drop_path_per_sample(branch, self.rate,
-                                            inverted=self.scaling == "inverted")
+                if torch.compiler.is_compiling():
+                    return drop_path_per_sample(branch, self.rate,
+                                                inverted=self.scaling == "inverted")
+                if self.rate_value() == 0.0:
+                    return branch
+                return branch * self._sample_mask(branch)
             if self.scaling == "inverted":
                 rate = self.rate_value()
                 return branch if rate == 0.0 else branch * (1.0 / (1.0 - rate))
@@ -180,28 +186,48 @@ class BranchGate(DropModule):
             return branch * (1.0 - self.rate).to(branch.dtype)
         return branch
 
-    def residual(self, branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        """``shortcut + self(branch)``, the gated residual sum, in one pass where it can be.
+    def _sample_mask(self, branch: torch.Tensor) -> torch.Tensor:
+        """`drop_path_per_sample`'s mask, bit for bit (the same draws, the same float32
+        scale), built from the mirrored Python rate: three small ops instead of nine."""
+        rate = self.rate_value()
+        shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
+        draw_dtype = torch.promote_types(branch.dtype, torch.float32)
+        mask = torch.rand(shape, dtype=draw_dtype, device=branch.device).ge_(rate)
+        if self.scaling == "inverted":
+            if self._scale_of[0] != rate:  # keep_scale's float32 value, once per rate
+                self._scale_of = (rate, float(keep_scale(torch.tensor(rate))))
+            mask.mul_(self._scale_of[1])
+        return mask.to(branch.dtype)
 
-        Eager training fuses the gate into the sum: sample mode adds ``branch x mask`` to the
-        shortcut with one ``addcmul`` (no masked copy of the branch), inverted block mode
-        adds the scaled branch with one ``add(alpha=...)``. Rate 0 is the plain sum, as in
-        `forward`. Traced (``torch.compile``), evaluating, or with the shortcut in another
-        dtype (autocast), it is the plain ``shortcut + self(branch)``.
+    def residual(self, branch: torch.Tensor, shortcut: torch.Tensor, *,
+                 branch_is_scratch: bool = False) -> torch.Tensor:
+        """``shortcut + self(branch)``, the gated residual sum, with the fewest passes.
+
+        ``branch_is_scratch``: the branch output may be overwritten (no backward needs it,
+        as for a batch norm's output: torchvision's blocks add the shortcut into it in
+        place). On the CPU the sum is then made in place, ``branch.mul_(gate).add_(shortcut)``:
+        a fresh activation-sized tensor costs more there than a second pass over a warm one.
+        Otherwise eager training fuses the gate into the sum: sample mode is one ``addcmul``
+        (no masked copy of the branch), inverted block mode one ``add(alpha=...)``. Rate 0
+        is the plain sum. Traced (``torch.compile``), evaluating, or with the shortcut in
+        another dtype (autocast), it is ``shortcut + self(branch)``.
         """
         if (not self.training or torch.compiler.is_compiling()
                 or shortcut.dtype != branch.dtype or shortcut.device != branch.device):
             return shortcut + self(branch)
-        if self.mode == "sample":
-            if self.rate_value() == 0.0:
-                return shortcut + branch
-            shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)
-            mask = keep_mask(shape, self.rate, branch, inverted=self.scaling == "inverted")
-            return torch.addcmul(shortcut, branch, mask)
+        in_place = branch_is_scratch and branch.device.type == "cpu"
         rate = self.rate_value()
-        if self.scaling == "inverted" and rate != 0.0:
-            return torch.add(shortcut, branch, alpha=1.0 / (1.0 - rate))
-        return shortcut + branch
+        if self.mode == "sample" and rate != 0.0:
+            mask = self._sample_mask(branch)
+            if in_place:
+                return branch.mul_(mask).add_(shortcut)
+            return torch.addcmul(shortcut, branch, mask)
+        if self.mode == "block" and self.scaling == "inverted" and rate != 0.0:
+            scale = 1.0 / (1.0 - rate)
+            if in_place:
+                return branch.mul_(scale).add_(shortcut)
+            return torch.add(shortcut, branch, alpha=scale)
+        return branch.add_(shortcut) if in_place else shortcut + branch
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -265,7 +291,8 @@ def _resnet_forward(block: StochasticDepthBasicBlock | StochasticDepthBottleneck
                     x: torch.Tensor) -> torch.Tensor:
     identity = x if block.downsample is None else block.downsample(x)
     if block.gate.keep():
-        out = block.gate.residual(block.branch(x), identity)
+        # The branch ends in a batch norm, whose backward does not need its output.
+        out = block.gate.residual(block.branch(x), identity, branch_is_scratch=True)
     elif block.downsample is None:
         # torchvision's ReLU is in place: never let it overwrite the block's input (an
         # out-of-place ReLU is one pass, a copy and an in-place ReLU two).
