@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One mini table of docs/results/, end to end: its whole grid (3 seeds), then its report
+# (report.md, figures/) and run_info.txt (the command, machine, versions, date, wall time).
+#
+#   bash scripts/mini_table.sh TABLE [--dry-run] [--runs DIR] [--out DIR] [OVERRIDE ...]
+#
+# TABLE: gyro | multisample | stochastic_depth | early_dropout | dropout_variants: the
+# sweep of conf/experiment/mini_TABLE.yaml (its grid is the file's hydra.sweeper.params),
+# run in outputs/mini/TABLE/ (--runs), reported in docs/results/TABLE/ (--out). OVERRIDEs
+# (Hydra's, e.g. trainer=smoke for a quick check) go to every job; SEEDS=0,1,2 (default)
+# sets the seeds. Running it again skips the finished jobs (run folders are keyed by
+# config), resumes unfinished ones and rewrites the report. --dry-run prints the sweep's
+# command and runs nothing.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+SEEDS=${SEEDS:-0,1,2}
+TABLES="gyro multisample stochastic_depth early_dropout dropout_variants"
+
+usage() {
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+[ $# -ge 1 ] || usage
+table=$1
+shift
+case " $TABLES " in
+    *" $table "*) ;;
+    *) [ "$table" = -h ] || [ "$table" = --help ] && usage
+       echo "mini_table.sh: unknown table '$table'; valid: ${TABLES// /, }" >&2
+       exit 2 ;;
+esac
+
+dry_run=false
+runs=outputs/mini/$table
+out=docs/results/$table
+overrides=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --dry-run) dry_run=true ;;
+        --runs) runs=$2; shift ;;
+        --out) out=$2; shift ;;
+        *) overrides+=("$1") ;;
+    esac
+    shift
+done
+
+command=("$PYTHON" train.py -m "experiment=mini_$table" "seed=$SEEDS" "hydra.sweep.dir=$runs"
+         ${overrides[@]+"${overrides[@]}"})
+if $dry_run; then
+    printf '%q ' "${command[@]}"
+    echo
+    exit 0
+fi
+
+start=$(date +%s)
+status=0
+"${command[@]}" || status=$?  # failed jobs are named in the report; the others still count
+elapsed=$(( $(date +%s) - start ))
+
+"$PYTHON" -m regdrop.report "$runs" --out "$out"
+machine=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1)
+{
+    echo "command: bash scripts/mini_table.sh $table${overrides[*]+ ${overrides[*]}} (SEEDS=$SEEDS)"
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "machine: ${machine:-unknown CPU}, $(nproc) CPU cores; load average at the end (1, 5, 15 min): $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
+    echo "versions: $("$PYTHON" -c 'import platform, torch, torchvision; print(f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}")')"
+    echo "wall time of the sweep: ${elapsed} s (jobs an earlier call finished are skipped, not counted)"
+    echo "exit status of the sweep: $status"
+} > "$out/run_info.txt"
+cat "$out/run_info.txt"
+exit $status

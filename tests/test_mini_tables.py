@@ -1,0 +1,134 @@
+"""The mini tables of docs/results/: `scripts/mini_table.sh TABLE` and conf/experiment/mini_*.yaml.
+
+* The command runs the experiment file's sweep: every job of it composes and passes the
+  run's checks (one seed: the seed changes no check) and lands in its own cell of the
+  table's layout.
+* Every mini experiment trains end to end at smoke size (one job per table, on the real
+  Fashion-MNIST when the Debian package is installed, else on the synthetic stand-in).
+* The command refuses an unknown table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf, open_dict
+
+from regdrop.config import validate
+from regdrop.report.table import TableSpec
+from regdrop.train import train
+from tests.conftest import CONF, FASHION_MNIST_INSTALLED, ROOT
+
+SCRIPT = ROOT / "scripts" / "mini_table.sh"
+TABLES = ["gyro", "multisample", "stochastic_depth", "early_dropout", "dropout_variants"]
+# Jobs per table at one seed: the rows (and columns) the report must show.
+CELLS = {"gyro": 5, "multisample": 4, "stochastic_depth": 3, "early_dropout": 7,
+         "dropout_variants": 9}
+
+
+def sweep(table: str) -> list[str]:
+    """The overrides of the `python train.py -m` the command runs (from its --dry-run)."""
+    result = subprocess.run(["bash", str(SCRIPT), table, "--dry-run"], capture_output=True,
+                            text=True, check=True, cwd=ROOT, env={**os.environ, "SEEDS": "0"})
+    [command] = [shlex.split(line) for line in result.stdout.splitlines() if line.strip()]
+    assert command[1:3] == ["train.py", "-m"], result.stdout
+    return command[3:]
+
+
+def compose_with_hydra(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper makes of a command line: the experiment file's
+    ``hydra.sweeper.params`` and the command's own sweeps, the command line winning."""
+    command = [o for o in overrides if not o.startswith("hydra.")]
+    plain = [o.split("=")[0] for o in command]
+    params = compose_with_hydra([o for o in overrides if o.startswith(("experiment=", "hydra.sweeper"))]
+                                ).hydra.sweeper.params
+    lines = [f"{k}={v}" for k, v in (OmegaConf.to_container(params) if params else {}).items()
+             if k not in plain] + command
+    parsed = OverridesParser.create().parse_overrides(lines)
+    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+            if o.is_sweep_override() else [o.input_line] for o in parsed]
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def job_config(overrides: list[str], output_dir: Path):
+    cfg = compose_with_hydra(overrides)
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.data_dir = str(output_dir / "data")
+    return cfg
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_every_job_of_the_table_composes_validates_and_has_its_own_cell(table, tmp_path):
+    jobs = expand(sweep(table))
+    assert all(f"experiment=mini_{table}" in job and "seed=0" in job for job in jobs)
+    places = set()
+    for job in jobs:
+        cfg = job_config(job, tmp_path)
+        with open_dict(cfg):
+            cfg.data.download = True  # where the data is does not matter to the checks
+        validate(cfg)
+        assert cfg.trainer.threads == 1 and cfg.logger.name == "none"
+        spec = TableSpec.from_section(cfg.table)
+        place = tuple(str(OmegaConf.select(cfg, k)) for k in (*spec.rows, *spec.columns)
+                      if OmegaConf.select(cfg, k) is not None)
+        places.add(place)
+    assert len(jobs) == CELLS[table] and len(places) == len(jobs), sorted(places)
+
+
+# One job per table, made tiny: a few steps on a few hundred images.
+SMOKE = ["trainer=smoke", "trainer.device=cpu", "trainer.epochs=1", "data.batch_size=16",
+         "data.eval_batch_size=100", "seed=0"]
+
+
+# The job each table runs at smoke size: the one furthest from plain training.
+SMOKE_ROW = {"gyro": "experiment/mini_rows=gyro_s64_t4", "multisample": "dropout.samples=8",
+             "stochastic_depth": "experiment/mini_rows=sd_block",
+             "early_dropout": "experiment/mini_rows=liu_early_dropout",
+             "dropout_variants": "experiment/mini_rows=var_cuda_convnet_dropconnect"}
+
+
+def smoke_job(table: str) -> list[str]:
+    data = ["data.subset=256"] if FASHION_MNIST_INSTALLED else \
+        ["data=synthetic", "data.num_train=256", "data.num_test=100"]
+    ours = {o.split("=")[0] for o in [*SMOKE, *data]}
+    [job] = [job for job in expand(sweep(table)) if SMOKE_ROW[table] in job]
+    return [*(o for o in job if o.split("=")[0] not in ours), *SMOKE, *data]
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_every_mini_experiment_trains_end_to_end_at_smoke_size(table, tmp_path):
+    cfg = job_config(smoke_job(table), tmp_path / "run")
+    with open_dict(cfg):
+        if "cutoff_epoch" in cfg.schedule:
+            cfg.schedule.cutoff_epoch = 0.01  # inside the 4 smoke steps
+        if cfg.diagnostics.name != "none":
+            cfg.diagnostics.every = [0, 2]
+    summary = train(cfg)
+    assert summary["step"] == 4 and math.isfinite(summary["train/loss"])
+    assert 0 <= summary["test/acc"] <= 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    if cfg.diagnostics.name != "none":
+        assert [r["step"] for r in records if "diag/gdv" in r] == [0, 2]
+
+
+def test_an_unknown_table_is_refused_with_the_valid_names():
+    result = subprocess.run(["bash", str(SCRIPT), "gyr0", "--dry-run"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "unknown table 'gyr0'" in result.stderr and "early_dropout" in result.stderr
