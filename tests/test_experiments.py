@@ -230,6 +230,16 @@ def test_an_experiment_holds_the_papers_hyper_parameters_and_sweeps_its_table(ex
         assert set(labels) <= set(values), (labels, values)
 
 
+def test_the_readme_lists_every_experiment_with_its_command_and_what_differs():
+    rows = {line.split("|")[1].strip(): line for line in (CONF.parent / "README.md").read_text().splitlines()
+            if line.startswith("| `python train.py")}
+    for experiment in EXPERIMENTS:
+        flag = "" if experiment in TABLE_FREE else "-m "
+        row = rows[f"`python train.py {flag}experiment={experiment}`"]
+        paper, differs = (cell.strip() for cell in row.split("|")[2:4])
+        assert paper and differs
+
+
 @pytest.mark.parametrize("arm, expected", LIU_ARMS.items())
 def test_each_liu_row_is_the_official_readmes_flags(arm, expected, tmp_path):
     cfg, _ = compose_job(["experiment=liu_early_basic", f"arm={arm}"], tmp_path)
