@@ -86,17 +86,28 @@ LIU_RECIPE = {
     "loss.mixup_alpha": 0.8, "loss.cutmix_alpha": 1.0, "loss.switch_prob": 0.5, "loss.mix_prob": 1.0,
     "loss.mix_mode": "batch", "loss.label_smoothing": 0.1, "trainer.epochs": 300,
 }
-LIU_SD = {"dropout.name": "stochastic_depth", "dropout.mode": "sample", "dropout.distribution": "linspace",
-          "dropout.scaling": "inverted"}
-LIU_DROPOUT = {"dropout.name": "standard", "dropout.p": 0.1, "dropout.sites": ["token", "attn"]}
+# The rates are null in the rows: each model recommends Liu et al.'s (LIU_RATES below).
+LIU_SD = {"dropout.name": "stochastic_depth", "dropout.drop_rate": None, "dropout.mode": "sample",
+          "dropout.distribution": "linspace", "dropout.scaling": "inverted"}
+LIU_DROPOUT = {"dropout.name": "standard", "dropout.p": None, "dropout.sites": ["token", "attn"]}
 LIU_EARLY = {"schedule.name": "early", "schedule.shape": "linear", "schedule.cutoff_epoch": 50}
 LIU_ARMS = {
     "liu_none": {"dropout.name": "none", "schedule.name": "constant"},
     "liu_dropout": {**LIU_DROPOUT, "schedule.name": "constant"},
-    "liu_sd": {**LIU_SD, "dropout.drop_rate": 0.5, "schedule.name": "constant"},
+    "liu_sd": {**LIU_SD, "schedule.name": "constant"},
     "liu_early_dropout": {**LIU_DROPOUT, **LIU_EARLY},
-    "liu_early_sd": {**LIU_SD, "dropout.drop_rate": 0.5, **LIU_EARLY},
-    "liu_late_sd": {**LIU_SD, "dropout.drop_rate": 0.4, "schedule.name": "late", "schedule.cutoff_epoch": 50},
+    "liu_early_sd": {**LIU_SD, **LIU_EARLY},
+    "liu_late_sd": {**LIU_SD, "schedule.name": "late", "schedule.cutoff_epoch": 50},
+}
+# Their README's flags, one set for all models: dropout 0.1 and drop path 0.5 (early), drop
+# path 0.4 (late, ViT-B and Mixer-B); no dropout on ConvNeXt. (model spec, p, drop_rate)
+LIU_RATES = {
+    "vit_tiny": ({"name": "vit_tiny", "depth": 2}, 0.1, 0.5),
+    "mixer_s32": ({"name": "mixer", "size": "s32", "depth": 2}, 0.1, 0.5),
+    "swin_femto": ({"name": "swin_femto", "depths": [2, 2], "num_heads": [2, 4]}, 0.1, 0.5),
+    "convnext_femto": ({"name": "convnext_femto", "depths": [1, 1, 1, 1]}, None, 0.5),
+    "vit_base": ({"name": "vit_base", "depth": 2}, None, 0.4),
+    "mixer_b16": ({"name": "mixer", "size": "b16", "depth": 2}, None, 0.4),
 }
 LIU_ROWS = ["liu_none", "liu_dropout", "liu_sd", "liu_early_dropout", "liu_early_sd"]
 # Lee et al. 2022: the authors' TensorFlow code (mlsys-seo/gyro-dropout main.py).
@@ -132,13 +143,13 @@ PAPER: dict[str, dict] = {
     "liu_late_sd": {
         "values": {**LIU_RECIPE, "model.name": "vit_base", **LIU_ARMS["liu_late_sd"]},
         "sweep": {"arm": ["liu_sd", "liu_late_sd"], "model": ["vit_base", "mixer_b16"]},
-        "jobs": {"arm=liu_sd": {"dropout.drop_rate": 0.4, "schedule.name": "constant"}},
+        "jobs": {"arm=liu_sd": {"drop_rate": 0.4, "schedule.name": "constant"}},
     },
     "gyro_lenet_alexnet_cifar": {
         "values": {**GYRO_RECIPE, **GYRO_PAPER_NETS, "data.name": "cifar10", "model.name": "lenet"},
         "sweep": {"dropout": ["standard", "gyro"], "model": ["lenet", "alexnet"], "data": ["cifar10", "cifar100"],
                   "seed": ["0", "1", "2"]},
-        "jobs": {"dropout=gyro": {"sigma": 256, "tau": 16}, "dropout=standard": {"dropout.p": 0.5}},
+        "jobs": {"dropout=gyro": {"sigma": 256, "tau": 16}, "dropout=standard": {"dropout.p": 0.5, "p": 0.5}},
     },
     "gyro_lenet_cifar10": {
         "values": {**GYRO_RECIPE, **GYRO_PAPER_NETS, "data.name": "cifar10", "model.name": "lenet"},
@@ -251,19 +262,45 @@ def test_each_liu_row_is_the_official_readmes_flags(arm, expected, tmp_path):
     (e, j) for e in EXPERIMENTS for j in PAPER[e].get("jobs", {})
 ])
 def test_a_sweep_job_gets_its_rows_settings(experiment, job, tmp_path):
-    """Options a row of the table sets: the body of the file where it wins over an arm, and
-    a model's recommendation where the file leaves a value null (gyro's sigma, tau)."""
+    """Options a row of the table runs with: config keys (dotted), and the options the
+    method is installed with (plain), the model's recommendation where the file leaves a
+    value null (gyro's sigma and tau, Liu et al.'s rates)."""
     cfg, _ = compose_job([f"experiment={experiment}", *([job] if job else [])], tmp_path)
-    expected = PAPER[experiment]["jobs"][job]
-    for key, want in expected.items():
-        if key in ("sigma", "tau"):
-            with torch.device("meta"):
-                model = build_model(cfg.model, data_info(cfg.data))
-            report = apply_method(model, cfg.dropout, seed=0)
-            assert report.options[key] == want
-            assert any("recommendation" in note or "default" in note for note in report.notes)
-        else:
+    with torch.device("meta"):
+        model = build_model(cfg.model, data_info(cfg.data))
+    report = apply_method(model, cfg.dropout, seed=0)
+    for key, want in PAPER[experiment]["jobs"][job].items():
+        if "." in key:
             assert value(cfg, key) == want, key
+        else:
+            assert report.options[key] == want, key
+            if value(cfg, f"dropout.{key}") is None:  # the header says where the value came from
+                assert any(key in note and ("recommendation" in note or "default" in note) for note in report.notes)
+
+
+@pytest.mark.parametrize("model", LIU_RATES)
+def test_liu_models_recommend_the_papers_rates_where_a_row_leaves_them_null(model):
+    spec, p, drop_rate = LIU_RATES[model]
+    info = DataInfo("imagenet", 1000, 3, 224, 0, 0)
+    sd = {"name": "stochastic_depth", "drop_rate": None, "mode": "sample", "distribution": "linspace",
+          "scaling": "inverted", "seed": None}
+    with torch.device("meta"):
+        report = apply_method(build_model(OmegaConf.create(spec), info), sd, seed=0)
+    assert report.options["drop_rate"] == drop_rate
+    assert any(note.startswith(f"drop_rate={drop_rate}: ") and "recommendation" in note for note in report.notes)
+    standard = {"name": "standard", "p": None, "sites": ["token", "attn"], "scaling": "inverted"}
+    with torch.device("meta"):
+        net = build_model(OmegaConf.create(spec), info)
+    if p is None:  # the paper prescribes no dropout rate for this model: the null is an error
+        with pytest.raises(ConfigError) as err:
+            apply_method(net, standard, seed=0)
+        assert err.value.key == "dropout.p"
+    else:
+        assert apply_method(net, standard, seed=0).options["p"] == p
+    # A value the config sets wins over the recommendation.
+    with torch.device("meta"):
+        assert apply_method(build_model(OmegaConf.create(spec), info), {**sd, "drop_rate": 0.2}).options[
+            "drop_rate"] == 0.2
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -300,8 +337,9 @@ def test_the_jobs_refused_before_training_are_the_papers_empty_cells(tmp_path):
         if arm == "liu_early_sd":
             validate(checkable(cfg))
             continue
-        with pytest.raises(ConfigError, match="no drop site"):
+        with pytest.raises(ConfigError) as err:  # no dropout rate, no dropout site
             validate(checkable(cfg))
+        assert err.value.key == "dropout.p" and "ConvNeXt" in str(err.value)
 
 
 @pytest.mark.slow

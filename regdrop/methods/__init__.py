@@ -51,6 +51,10 @@ METHODS: dict[str, tuple[str, str]] = {
 VALID = ("none", *METHODS)
 # Arguments the trainer sets from the run itself: not config keys.
 RUN_ARGUMENTS = {"model", "total_steps"}
+# Options a model may recommend (``regdrop_method_defaults``) though the method has a default
+# of its own: null in the config asks for the model's value (Liu et al.'s rates). Options
+# whose default is None (gyro's sigma, tau) may always be null.
+RECOMMENDABLE = {"standard": {"p"}, "stochastic_depth": {"drop_rate"}}
 
 __all__ = [
     "METHODS",
@@ -99,7 +103,9 @@ def _options(cfg: Mapping) -> tuple[str, dict]:
 
 def check_method(cfg: Mapping) -> None:
     """Check the config ``dropout`` section without a model: the name, that every key is an
-    option of the method, and each value (the method's ``check_options``)."""
+    option of the method, and each value (the method's ``check_options``). A null option
+    that a model may recommend (`RECOMMENDABLE`) is left to `apply_method`, which knows the
+    model."""
     name, options = _options(cfg)
     if name == "none":
         if options:
@@ -111,7 +117,8 @@ def check_method(cfg: Mapping) -> None:
             raise ConfigError(f"dropout.{key}", f"not an option of method {name!r}; valid: {', '.join(valid)}")
     defaults = inspect.signature(method_function(name)).parameters
     for key, value in options.items():
-        if value is None and key != "seed" and defaults[key].default is not None:
+        if (value is None and key != "seed" and defaults[key].default is not None
+                and key not in RECOMMENDABLE.get(name, ())):
             raise ConfigError(f"dropout.{key}", f"must be set for method {name!r} (got null)")
     with _as_config_error(name, valid):
         _module(name).check_options(**{k: v for k, v in options.items() if v is not None})
@@ -121,7 +128,8 @@ def apply_method(model: nn.Module, cfg: Mapping, *, seed: int = 0) -> SurgeryRep
     """Install the method of the config ``dropout`` section into ``model`` (in place).
 
     An option left null takes the model's recommendation for the method when it has one
-    (``regdrop_method_defaults``: gyro's (sigma, tau) on the ResNets), and a null ``seed``
+    (``regdrop_method_defaults``: gyro's (sigma, tau) on the ResNets, the early-dropout
+    rates on Liu et al.'s models), and a null ``seed``
     follows the run's ``seed``, so that every random stream of a run changes with it. The
     returned report holds the options used and where the unset ones came from. Bad keys
     and values become a `ConfigError` naming the ``dropout.<key>`` at fault.
@@ -139,6 +147,11 @@ def apply_method(model: nn.Module, cfg: Mapping, *, seed: int = 0) -> SurgeryRep
     if options.get("seed", 0) is None:
         options["seed"] = seed
         notes.append("seed follows the run seed")
+    parameters = inspect.signature(method_function(name)).parameters
+    for key, value in options.items():
+        if value is None and parameters[key].default is not None:
+            raise ConfigError(f"dropout.{key}", f"is null, which takes the model's recommendation, and "
+                              f"{type(model).__name__} has none for method {name!r}; set a value")
     with _as_config_error(name, config_keys(name)):
         report = method_function(name)(model, **options)
     report.options = {**options, **report.options}

@@ -26,7 +26,7 @@ from timm.models.convnext import ConvNeXt, convnext_femto
 
 from regdrop.data import DataInfo
 from regdrop.models.lenet import scaled
-from regdrop.models.vit import patch_size_for, sites_for_timm_dropouts
+from regdrop.models.vit import EARLY_DROPOUT_DEFAULTS, patch_size_for, sites_for_timm_dropouts
 
 FEMTO_DIMS = (48, 96, 192, 384)
 
@@ -47,4 +47,6 @@ def build_convnext_femto(
         drop_path_rate=0.0,
     )
     sites_for_timm_dropouts(model, conv=("mlp",))
+    # Liu et al.'s early-s.d. rate; no dropout rate: their code refuses dropout on ConvNeXt.
+    model.regdrop_method_defaults = {"stochastic_depth": EARLY_DROPOUT_DEFAULTS["stochastic_depth"]}
     return model

@@ -4,7 +4,9 @@ Sizes (Tolstikhin et al. 2021): S has embed 512 and 8 blocks, B embed 768 and 12
 both use token-mixing MLPs of half the embedding and channel-mixing MLPs of four times
 it (timm's default ``mlp_ratio``). Parameters at 224 px and 1000 classes: Mixer-S/32
 19.1M, Mixer-B/16 59.9M. ``embed_dim`` and ``depth`` default to the size's and shrink it
-for quick runs. Liu et al. use Mixer-S/32 (early dropout) and Mixer-B/16 (late s.d.).
+for quick runs. Liu et al. use Mixer-S/32 (early dropout) and Mixer-B/16 (late s.d.);
+the S sizes recommend their early-dropout rates, the B sizes their late-s.d. rate
+(``regdrop_method_defaults``, see `regdrop.models.vit`).
 
 The MLP dropouts are ``token`` sites, the head dropout an ``fc`` site. timm runs the
 token-mixing MLP on the transposed activation ``B x C x T``, so its sites declare their
@@ -19,7 +21,12 @@ from __future__ import annotations
 from timm.models.mlp_mixer import MlpMixer
 
 from regdrop.data import DataInfo
-from regdrop.models.vit import patch_size_for, sites_for_timm_dropouts
+from regdrop.models.vit import (
+    EARLY_DROPOUT_DEFAULTS,
+    LATE_SD_DEFAULTS,
+    patch_size_for,
+    sites_for_timm_dropouts,
+)
 
 # size -> (patch, embed_dim, depth)
 SIZES = {"s16": (16, 512, 8), "s32": (32, 512, 8), "b16": (16, 768, 12), "b32": (32, 768, 12)}
@@ -38,4 +45,5 @@ def build_mixer(
         embed_dim=size_embed if embed_dim is None else embed_dim,
     )
     sites_for_timm_dropouts(model, channels_first=("mlp_tokens",))
+    model.regdrop_method_defaults = EARLY_DROPOUT_DEFAULTS if size.startswith("s") else LATE_SD_DEFAULTS
     return model

@@ -27,6 +27,7 @@ from timm.models.swin_transformer import SwinTransformer
 
 from regdrop.data import DataInfo
 from regdrop.models.vit import (
+    EARLY_DROPOUT_DEFAULTS,
     SMALL_IMAGE,
     explicit_attention,
     patch_size_for,
@@ -61,4 +62,5 @@ def build_swin_femto(
     )
     sites_for_timm_dropouts(model)
     explicit_attention(model)
+    model.regdrop_method_defaults = EARLY_DROPOUT_DEFAULTS  # Liu et al.'s rates (regdrop.models.vit)
     return model

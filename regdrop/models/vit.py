@@ -11,8 +11,12 @@ Residual blocks are timm's ``Block`` (stochastic depth finds them).
 early-dropout model, ``vit_base`` (embed 768, 12 blocks, 12 heads; 86.6M) its late-dropout
 model. Images up to 64 px use 4 px patches instead of 16 px ones.
 
-This module also holds the helpers the other timm models share: `sites_for_timm_dropouts`
-and `patch_size_for`.
+Both carry Liu et al.'s rates as their recommendations (``regdrop_method_defaults``,
+taken where the config leaves the rate null): ViT-T dropout 0.1 and drop path 0.5 (early
+dropout / early s.d.), ViT-B drop path 0.4 (late s.d.).
+
+This module also holds the helpers the other timm models share: `sites_for_timm_dropouts`,
+`patch_size_for` and the early-dropout paper's recommendations.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ from regdrop.data import DataInfo
 from regdrop.methods.base import DropSite
 
 SMALL_IMAGE = 64
+# Liu et al. (ICML 2023), their official README's flags, one set for every model ("change
+# --model accordingly"): the underfitting models train with dropout 0.1 or drop path 0.5
+# (early dropout, early s.d.), the overfitting ones (ViT-B, Mixer-B) with drop path 0.4
+# (late s.d.). Their code refuses dropout on ConvNeXt: it recommends drop path only.
+EARLY_DROPOUT_DEFAULTS = {"standard": {"p": 0.1}, "stochastic_depth": {"drop_rate": 0.5}}
+LATE_SD_DEFAULTS = {"stochastic_depth": {"drop_rate": 0.4}}
 
 
 def sites_for_timm_dropouts(
@@ -101,8 +111,9 @@ def build_vit_tiny(
     patch_size: int | None = None,
 ) -> VisionTransformer:
     """ViT-Tiny/16 (Liu et al.'s early-dropout model)."""
-    return build_vit(info, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                     patch_size=patch_size)
+    model = build_vit(info, embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size)
+    model.regdrop_method_defaults = EARLY_DROPOUT_DEFAULTS
+    return model
 
 
 def build_vit_base(
@@ -113,5 +124,6 @@ def build_vit_base(
     patch_size: int | None = None,
 ) -> VisionTransformer:
     """ViT-Base/16 (Liu et al.'s late-stochastic-depth model)."""
-    return build_vit(info, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                     patch_size=patch_size)
+    model = build_vit(info, embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size)
+    model.regdrop_method_defaults = LATE_SD_DEFAULTS
+    return model
