@@ -24,7 +24,7 @@ from tests.conftest import FASHION_MNIST_INSTALLED
 
 def test_tiny_run_writes_json_and_markdown_with_every_section(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["--size", "tiny", "--threads", "1", "--device", "cpu", "--out", str(out),
+    assert main(["--size", "tiny", "--threads", "1", "--clock", "cpu", "--device", "cpu", "--out", str(out),
                  "--data-root", str(tmp_path / "data")]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "bench.json").read_text())
@@ -63,6 +63,7 @@ def test_tiny_run_writes_json_and_markdown_with_every_section(tmp_path, capsys):
     assert any(n.startswith("framework overhead") for n in names)
     assert any("torch.compile" in n for n in names)
     assert report["context"]["command"].startswith("python -m regdrop.bench --size tiny")
+    assert "1 torch thread(s), cpu clock" in report["context"]["settings"]
     assert "no GPU run was made" in " ".join(report["notes"])
 
     for text in (markdown, printed):

@@ -23,6 +23,7 @@ import torch
 from regdrop.bench.layers import LayerSizes, composer_version
 from regdrop.bench.report import Results, evaluate_targets, facts_lines, table, targets_table, write
 from regdrop.bench.steps import ModelCase
+from regdrop.bench.timing import CLOCKS, say
 from regdrop.runtime import Runtime
 
 SECTIONS = ("steps", "layers", "data", "compile")
@@ -37,7 +38,8 @@ class Size:
     min_time_s: float  # at least this long per measurement (several units if need be)
     step_cases: tuple[ModelCase, ...]
     layers: LayerSizes
-    network_repeats: int  # measurements of the ResNet-50 case (one step each)
+    network_repeats: int  # measurements of the ResNet-50 case
+    network_min_time_s: float  # at least this long per ResNet-50 measurement
     fashion_steps: int | None  # None: a whole epoch
     folder: dict = field(default_factory=dict)
     compile_steps: int = 24
@@ -48,7 +50,7 @@ class Size:
 
 SIZES = {
     "default": Size(
-        repeats=15, warmup=3, min_time_s=0.1,
+        repeats=11, warmup=2, min_time_s=0.1,
         step_cases=(
             ModelCase("lenet", 1, 28, 128, {"width": 0.125}),
             ModelCase("resnet18", 3, 32, 64, {"width": 0.25}),
@@ -57,6 +59,7 @@ SIZES = {
         ),
         layers=LayerSizes(),
         network_repeats=11,
+        network_min_time_s=1.0,
         fashion_steps=None,
         folder={"classes": 10, "per_class": 64, "file_size": 64, "image_size": 32, "batch": 64,
                 "workers": 2, "width": 0.25},
@@ -70,6 +73,7 @@ SIZES = {
         layers=LayerSizes(batch=32, gyro_widths=(64,), tokens=(8, 17, 24), conv=(8, 8, 8, 8),
                           resnet50_batch=4, resnet50_width=0.125, resnet50_image=16),
         network_repeats=3,
+        network_min_time_s=0.0,
         fashion_steps=8,
         folder={"classes": 2, "per_class": 16, "file_size": 32, "image_size": 16, "batch": 8,
                 "workers": 1, "width": 0.0625},
@@ -91,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is steadier on a busy CPU")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (steadier on a "
+                             "shared CPU with --threads 1; CPU device only)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="measurements per candidate (default: the size's)")
     parser.add_argument("--compile-backend", default=None,
@@ -113,6 +120,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA device is available")
     if args.device.split(":")[0] not in ("cpu", "cuda"):
         parser.error(f"--device: unknown device {args.device!r}; valid: auto, cpu, cuda, cuda:N")
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu: CPU time does not count a GPU's work; use --clock wall")
     if args.repeats is not None and args.repeats < 2:
         parser.error("--repeats must be at least 2 (a median and quartiles)")
     if args.threads is not None and args.threads < 1:
@@ -146,13 +155,9 @@ def context(args: argparse.Namespace, device: torch.device, argv: list[str] | No
                     f"torchvision {torchvision.__version__}, timm {timm.__version__}, "
                     f"composer {composer or 'not installed'}",
         "settings": f"size {args.size}, {torch.get_num_threads()} torch thread(s), "
-                    f"sections {', '.join(args.sections)}, seed {args.seed}",
+                    f"{args.clock} clock, sections {', '.join(args.sections)}, seed {args.seed}",
         "load_before": "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
     }
-
-
-def say(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> Results:
@@ -167,6 +172,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> Results:
     # The trainer's own precision choice: bf16 autocast on CUDA, fp32 on the CPU.
     runtime = Runtime(device, torch.bfloat16 if device.type == "cuda" else None)
     results = Results(context=context(args, device, argv))
+    clock = CLOCKS[args.clock]
     started = time.perf_counter()
     if device.type == "cpu":
         results.notes.append("measured on the CPU only; no GPU run was made")
@@ -176,7 +182,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> Results:
         say("whole steps: " + ", ".join(c.label for c in size.step_cases))
         comparisons, notes = step_comparisons(
             list(size.step_cases), runtime, repeats=size.repeats, warmup=size.warmup,
-            min_time_s=size.min_time_s, seed=args.seed)
+            min_time_s=size.min_time_s, seed=args.seed, clock=clock)
         results.comparisons += comparisons
         results.notes += notes
     if "layers" in args.sections:
@@ -186,7 +192,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> Results:
         comparisons, notes = layer_comparisons(
             size.layers, device, repeats=size.repeats, warmup=size.warmup,
             min_time_s=min(size.min_time_s, 0.05), network_repeats=size.network_repeats,
-            seed=args.seed)
+            network_min_time_s=size.network_min_time_s, seed=args.seed, clock=clock)
         results.comparisons += comparisons
         results.notes += notes
     if "data" in args.sections:
@@ -205,7 +211,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> Results:
         facts, comparison = compile_case(
             runtime, backend=backend, steps=size.compile_steps, cutoff=size.compile_cutoff,
             repeats=size.repeats, warmup=size.warmup, min_time_s=size.min_time_s,
-            seed=args.seed, case=size.compile_case)
+            seed=args.seed, case=size.compile_case, clock=clock)
         results.facts["compile"] = facts
         results.comparisons.append(comparison)
     results.context["wall_s"] = time.perf_counter() - started

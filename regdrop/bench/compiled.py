@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
+from collections.abc import Callable
 
 import torch
 import torch._dynamo
@@ -37,8 +38,8 @@ def _graphs() -> int:
 
 
 def compile_case(runtime: Runtime, *, backend: str, steps: int, cutoff: int, repeats: int,
-                 warmup: int, min_time_s: float, seed: int = 0, case: ModelCase = CASE
-                 ) -> tuple[dict, Comparison]:
+                 warmup: int, min_time_s: float, seed: int = 0, case: ModelCase = CASE,
+                 clock: Callable[[], float] = time.perf_counter) -> tuple[dict, Comparison]:
     """Facts of the recompilation check and the compiled-vs-eager comparison."""
     torch.manual_seed(seed)
     model = case.build()
@@ -83,7 +84,7 @@ def compile_case(runtime: Runtime, *, backend: str, steps: int, cutoff: int, rep
 
     candidates = [Candidate("compiled", timed(compiled)), Candidate("eager", timed(eager))]
     timings = measure(candidates, repeats=repeats, warmup=warmup, min_time_s=min_time_s,
-                      sync=sync)
+                      sync=sync, clock=clock)
     comparison = Comparison(
         "compile", f"{case.label} + standard dropout, train_step at half the peak rate, "
         f"backend {backend}",

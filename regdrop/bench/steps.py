@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch import nn
 
 from regdrop import train as training
 from regdrop.bench.report import Comparison
-from regdrop.bench.timing import Candidate, measure, synchronizer
+from regdrop.bench.timing import Candidate, measure, say, synchronizer
 from regdrop.data import DataInfo
 from regdrop.errors import ConfigError
 from regdrop.methods import apply_method, setup_run
@@ -149,7 +150,8 @@ def bare_step(model: nn.Module, runtime: Runtime, batches: list) -> Callable[[],
 
 def step_comparisons(cases: list[ModelCase], runtime: Runtime, *, repeats: int, warmup: int,
                      min_time_s: float, seed: int = 0,
-                     methods: tuple[tuple[str, str, dict], ...] = METHODS
+                     methods: tuple[tuple[str, str, dict], ...] = METHODS,
+                     clock: Callable[[], float] = time.perf_counter
                      ) -> tuple[list[Comparison], list[str]]:
     """One `Comparison` per model: bare loop, ``none`` and every method that applies."""
     comparisons, notes = [], []
@@ -173,9 +175,10 @@ def step_comparisons(cases: list[ModelCase], runtime: Runtime, *, repeats: int, 
         if any(label == "multisample M=8" for label, _ in pairs) and any(
                 label == "multisample M=1" for label, _ in pairs):
             pairs.append(("multisample M=8", "multisample M=1"))
+        say(f"  steps: {case.describe()}, {len(candidates)} candidates")
         torch.manual_seed(seed)
         timings = measure(candidates, repeats=repeats, warmup=warmup, min_time_s=min_time_s,
-                          sync=synchronizer(runtime.device))
+                          sync=synchronizer(runtime.device), clock=clock)
         comparisons.append(Comparison(
             "steps", case.describe(),
             {c.name: t for c, t in zip(candidates, timings, strict=True)}, pairs))

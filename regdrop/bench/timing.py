@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,11 @@ class Timing:
                 "samples_ms": [s * 1e3 for s in self.samples]}
 
 
+def say(message: str) -> None:
+    """A progress line on stderr (the results go to stdout and the output folder)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def synchronizer(device: torch.device) -> Callable[[], None]:
     """A function that waits for ``device``'s queued work (nothing to wait for on the CPU)."""
     if device.type == "cuda":
@@ -65,6 +71,12 @@ def summarise(samples: Sequence[float], number: int) -> Timing:
     return Timing(statistics.median(values), iqr, values, number)
 
 
+# The clocks a measurement can read: elapsed time, or the CPU time of this process (its
+# threads' time on a core, whatever else the machine runs; with one torch thread on a
+# shared CPU it is the steadier measure of the work done).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def measure(
     candidates: Sequence[Candidate],
     *,
@@ -72,12 +84,13 @@ def measure(
     warmup: int,
     min_time_s: float,
     sync: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[Timing]:
     """Time each candidate ``repeats`` times, interleaved; one `Timing` per candidate.
 
     ``warmup`` units of each run first (allocator, caches, lazy set-up, compilation). One
     measurement runs ``number`` units, chosen per candidate from a timed unit so that it
-    lasts about ``min_time_s`` (at least one unit).
+    lasts about ``min_time_s`` (at least one unit). ``clock`` reads the time (`CLOCKS`).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
@@ -86,10 +99,10 @@ def measure(
         for _ in range(warmup):
             candidate.run()
         sync()
-        start = time.perf_counter()
+        start = clock()
         candidate.run()
         sync()
-        once = time.perf_counter() - start
+        once = clock() - start
         numbers.append(max(1, math.ceil(min_time_s / max(once, 1e-9))))
     samples: list[list[float]] = [[] for _ in candidates]
     count = len(candidates)
@@ -98,9 +111,9 @@ def measure(
             index = (repeat + offset) % count
             run, number = candidates[index].run, numbers[index]
             sync()
-            start = time.perf_counter()
+            start = clock()
             for _ in range(number):
                 run()
             sync()
-            samples[index].append((time.perf_counter() - start) / number)
+            samples[index].append((clock() - start) / number)
     return [summarise(values, number) for values, number in zip(samples, numbers, strict=True)]
