@@ -424,6 +424,25 @@ def test_one_command_runs_a_whole_table_and_the_report_places_its_cells(tmp_path
     assert "| standard" in text and "| gyro" in text
 
 
+@pytest.mark.slow
+def test_a_run_with_every_recipe_piece_resumes_to_the_same_result(tmp_path):
+    """Mixup / CutMix, RandAugment, random erasing and the crops draw from streams seeded by
+    the batch's place in the run: a run killed mid epoch resumes to the same weights."""
+    from tests.test_resume import RUN, assert_same_run, launch, steps_logged
+
+    recipe = ["loss=mixup_cutmix", "data.augment=true", "data.randaugment=rand-m9-mstd0.5-inc1",
+              "data.random_erasing=0.5", "data.crop_size=24"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    done = launch([*RUN, *recipe, f"hydra.run.dir={whole}", f"paths.data_dir={tmp_path}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    args = [*RUN, *recipe, f"hydra.run.dir={cut}", f"paths.data_dir={tmp_path}"]
+    assert launch(args, stop_at=10).returncode != 0  # killed two steps after the checkpoint at 8
+    resumed = launch(args)
+    assert resumed.returncode == 0 and "resumed at optimizer step 8" in resumed.stdout
+    assert steps_logged(cut) == list(range(18))
+    assert_same_run(whole, cut)
+
+
 # -- the recipe pieces ------------------------------------------------------------------------
 
 LOSS = {"label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "switch_prob": 0.5,
