@@ -6,7 +6,8 @@ The default run's model (LeNet width 0.125 with standard dropout p=0.5) trains t
 schedule (Liu et al. 2023) moves the rate from the peak down to exactly 0 at the cutoff and
 keeps it there. The rate lives in a tensor buffer, so the graphs compiled at the first step
 must serve every later one; dynamo's graph counter is read after each step. Then compiled
-and eager steps are timed side by side at half the peak rate.
+and eager steps are timed side by side at half the peak rate, with the same model without
+dropout compiled and eager beside them (what the compiler does to the model alone).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def compile_case(runtime: Runtime, *, backend: str, steps: int, cutoff: int, rep
                  clock: Callable[[], float] = time.perf_counter) -> tuple[dict, Comparison]:
     """Facts of the recompilation check and the compiled-vs-eager comparison."""
     torch.manual_seed(seed)
-    model = case.build()
+    plain = case.build().to(runtime.device).train()
+    model = copy.deepcopy(plain)
     apply_method(model, config("dropout", "standard"), seed=seed)
-    model.to(runtime.device).train()
     eager_model = copy.deepcopy(model)
     batches = make_batches(case, runtime.device, seed=seed)
     torch._dynamo.reset()
@@ -82,11 +83,21 @@ def compile_case(runtime: Runtime, *, backend: str, steps: int, cutoff: int, rep
         data = itertools.cycle(batches)
         return lambda: training.train_step(parts, data, next(counter), 0.5)
 
-    candidates = [Candidate("compiled", timed(compiled)), Candidate("eager", timed(eager))]
+    # The same model without dropout, compiled and eager: what the compiler does to the
+    # model alone, apart from what it does to the dropout.
+    plain_eager = copy.deepcopy(plain)
+    candidates = [
+        Candidate("compiled", timed(compiled)), Candidate("eager", timed(eager)),
+        Candidate("compiled, no dropout",
+                  timed(step_parts(plain, torch.compile(plain, backend=backend), runtime))),
+        Candidate("eager, no dropout", timed(step_parts(plain_eager, plain_eager, runtime))),
+    ]
     timings = measure(candidates, repeats=repeats, warmup=warmup, min_time_s=min_time_s,
                       sync=sync, clock=clock)
     comparison = Comparison(
         "compile", f"{case.label} + standard dropout, train_step at half the peak rate, "
         f"backend {backend}",
-        {c.name: t for c, t in zip(candidates, timings, strict=True)}, [("compiled", "eager")])
+        {c.name: t for c, t in zip(candidates, timings, strict=True)},
+        [("compiled", "eager"), ("compiled, no dropout", "eager, no dropout"),
+         ("compiled", "compiled, no dropout"), ("eager", "eager, no dropout")])
     return facts, comparison
