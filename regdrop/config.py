@@ -94,9 +94,8 @@ def check_run_length(cfg: DictConfig, info: DataInfo, method: dict) -> list[str]
     if per_epoch < 1:
         raise ConfigError("data.batch_size", f"{info.num_train} training images give no optimizer step per "
                           f"epoch at batch {batch} x grad_accum {accum} x {world_size} process(es)")
+    # The run as its epochs define it: trainer.max_steps only stops it early (smoke runs).
     total = per_epoch * cfg.trainer.epochs
-    if cfg.trainer.max_steps is not None:
-        total = min(total, cfg.trainer.max_steps)
     schedule = DropSchedule.from_config(cfg.schedule, per_epoch)
     key = "schedule.warmup_epochs" if schedule.name == "warmup" else "schedule.cutoff_epoch"
     beyond = {"early": schedule.steps > total, "late": schedule.steps >= total, "warmup": schedule.steps > total}

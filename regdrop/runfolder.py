@@ -152,7 +152,7 @@ class RunFolder:
 
             if HydraConfig.initialized():
                 OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), hydra / "overrides.yaml")
-                OmegaConf.save(HydraConfig.get(), hydra / "hydra.yaml")
+                OmegaConf.save(OmegaConf.create({"hydra": HydraConfig.get()}), hydra / "hydra.yaml")
         except ValueError:
             pass
         if not (hydra / "overrides.yaml").exists():

@@ -49,7 +49,8 @@ def compiled_graphs_of_a_run(make_config, epochs: int) -> int:
     counters.clear()
     cfg = make_config(*TINY_MODELS["lenet"], "trainer.compile=true", "trainer.compile_backend=eager",
                       "trainer.max_steps=null", f"trainer.epochs={epochs}", "data.num_train=48",
-                      "schedule=early", "schedule.shape=linear", "schedule.cutoff_epoch=2")
+                      "schedule=early", "schedule.shape=linear", f"schedule.cutoff_epoch={min(epochs, 2)}")
+    cfg.paths.output_dir = f"{cfg.paths.output_dir}-{epochs}"  # another config, another folder
     summary = train(cfg)
     assert summary["step"] == 3 * epochs
     return counters["stats"]["unique_graphs"]

@@ -203,7 +203,7 @@ def check_study(sweep: Path, output: str, n_trials: int) -> None:
     for line in invalid:
         values = dict(item.split("=", 1) for item in line.split("(", 1)[1].split(")", 1)[0].split())
         assert int(values["dropout.tau"]) > int(values["dropout.sigma"])
-    assert output.count("Failed experiment: dropout.tau") == len(invalid)
+    assert output.count("Failed experiment") == len(invalid)
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     best = results["best_params"]
     assert set(best) == {"dropout.p", "dropout.sigma", "dropout.tau"}

@@ -119,6 +119,7 @@ def test_ctrl_c_stops_cleanly_without_a_traceback(tmp_path):
     assert load_checkpoint(folder / CHECKPOINT)["state"]["step"] == 6
 
 
+@pytest.mark.slow  # four launches: ~40 s on a quiet machine
 def test_a_relaunched_multirun_skips_finished_jobs_resumes_killed_ones_and_runs_the_rest(tmp_path):
     sweep = tmp_path / "sweep"
     common = [*RUN, f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path}"]

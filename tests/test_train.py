@@ -83,12 +83,14 @@ def test_logged_drop_rate_follows_the_schedule_in_optimizer_steps(make_config, s
     np.testing.assert_allclose(logged, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow  # a subprocess; in-process equivalents run by default
 def test_cfg_job_prints_the_composed_config():
     result = run_cli("--cfg", "job", "dropout=gyro")
     assert result.returncode == 0, result.stderr
     assert "dropout:" in result.stdout and "name: gyro" in result.stdout and "trainer:" in result.stdout
 
 
+@pytest.mark.slow  # a subprocess; in-process equivalents run by default
 def test_multirun_gives_one_folder_metrics_and_wandb_run_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli("-m", "model=lenet,resnet18", "model.width=0.125", *[o for o in TINY if o != "logger=none"],
@@ -104,6 +106,7 @@ def test_multirun_gives_one_folder_metrics_and_wandb_run_per_job(tmp_path):
     assert len(ids) == 2
 
 
+@pytest.mark.slow  # a subprocess; in-process equivalents run by default
 def test_missing_cifar10_stops_before_training_with_a_message(tmp_path):
     result = run_cli("data=cifar10", f"data.root={tmp_path / 'nowhere'}", "logger=none",
                      f"hydra.run.dir={tmp_path / 'run'}")
@@ -113,6 +116,7 @@ def test_missing_cifar10_stops_before_training_with_a_message(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow  # five subprocesses; tests/test_bad_input.py covers these in-process
 @pytest.mark.parametrize("overrides, key", [
     (["dropout=gyro", "dropout.tau=0"], "dropout.tau"),
     (["dropout.p=1.5"], "dropout.p"),
@@ -127,6 +131,7 @@ def test_bad_values_give_one_paragraph_naming_the_key(tmp_path, overrides, key):
     assert result.stderr.strip().count("\n\n") == 0  # one paragraph
 
 
+@pytest.mark.slow  # a subprocess; in-process equivalents run by default
 def test_unknown_keys_are_errors(tmp_path):
     result = run_cli(*TINY, "trainer.epochz=3", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0 and "epochz" in result.stderr
