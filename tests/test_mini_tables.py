@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -35,13 +36,14 @@ CELLS = {"gyro": 5, "multisample": 4, "stochastic_depth": 3, "early_dropout": 7,
          "dropout_variants": 9}
 
 
-def sweep(table: str) -> list[str]:
+@functools.cache
+def sweep(table: str) -> tuple[str, ...]:
     """The overrides of the `python train.py -m` the command runs (from its --dry-run)."""
     result = subprocess.run(["bash", str(SCRIPT), table, "--dry-run"], capture_output=True,
                             text=True, check=True, cwd=ROOT, env={**os.environ, "SEEDS": "0"})
     [command] = [shlex.split(line) for line in result.stdout.splitlines() if line.strip()]
     assert command[1:3] == ["train.py", "-m"], result.stdout
-    return command[3:]
+    return tuple(command[3:])
 
 
 def compose_with_hydra(overrides: list[str]):
@@ -49,7 +51,8 @@ def compose_with_hydra(overrides: list[str]):
         return compose(config_name="train", overrides=overrides, return_hydra_config=True)
 
 
-def expand(overrides: list[str]) -> list[list[str]]:
+@functools.cache
+def expand(overrides: tuple[str, ...]) -> list[list[str]]:
     """The jobs Hydra's basic sweeper makes of a command line: the experiment file's
     ``hydra.sweeper.params`` and the command's own sweeps, the command line winning."""
     command = [o for o in overrides if not o.startswith("hydra.")]
