@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def draw_figures(layout: Layout, out_dir: Path) -> list[tuple[str, Path]]:
             title, y_label = "Test error", "test error (%)"
         ncols = min(len(columns), 3)
         nrows = math.ceil(len(columns) / ncols)
-        fig = Figure(figsize=(4.6 * ncols, 3.3 * nrows), dpi=110)
+        width = 4.6 * ncols
+        fig = Figure(figsize=(width, 3.3 * nrows), dpi=110)
         axes = fig.subplots(nrows, ncols, squeeze=False)
         drawn = False
         for ax, column in zip(axes.flat, columns, strict=False):
@@ -143,7 +145,8 @@ def draw_figures(layout: Layout, out_dir: Path) -> list[tuple[str, Path]]:
         if not drawn:
             continue
         heading = title if layout.spec.title is None else f"{title}: {layout.spec.title}"
-        fig.suptitle(heading + " (mean ± std over seeds)", fontsize=10)
+        # About 13 characters of a 10-point title fit in an inch: wrap it to the figure.
+        fig.suptitle(textwrap.fill(heading + " (mean ± std over seeds)", int(13 * width)), fontsize=10)
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path)
