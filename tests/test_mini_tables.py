@@ -6,6 +6,7 @@
 * Every mini experiment trains end to end at smoke size (one job per table, on the real
   Fashion-MNIST when the Debian package is installed, else on the synthetic stand-in).
 * The command refuses an unknown table.
+* Each table's report is committed under docs/results/ and linked from both READMEs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -135,3 +137,20 @@ def test_an_unknown_table_is_refused_with_the_valid_names():
                             text=True, cwd=ROOT)
     assert result.returncode == 2
     assert "unknown table 'gyr0'" in result.stderr and "early_dropout" in result.stderr
+
+
+def test_every_table_has_its_committed_report_linked_from_both_readmes():
+    """docs/results/TABLE holds each table's report, figures and run_info.txt; the README
+    and docs/results/README.md link every report, and each `mini_table.sh` command they
+    show names a table the script knows."""
+    results = ROOT / "docs" / "results"
+    readme, index = (ROOT / "README.md").read_text(), (results / "README.md").read_text()
+    for table in TABLES:
+        report = (results / table / "report.md").read_text()
+        figures = re.findall(r"!\[[^]]*\]\((figures/[^)]+\.png)\)", report)
+        assert figures and all((results / table / f).is_file() for f in figures), table
+        assert "wall time of the sweep" in (results / table / "run_info.txt").read_text()
+        assert f"(docs/results/{table}/report.md)" in readme, table
+        assert f"({table}/report.md)" in index, table
+    shown = set(re.findall(r"mini_table\.sh (\w+)", readme + index)) - {"TABLE"}
+    assert shown and shown <= set(TABLES), shown

@@ -431,3 +431,26 @@ def test_diagnostics_records_become_gdv_and_gde_curves_and_never_step_records(tm
     for name in ("gdv.png", "gde.png"):
         [figure] = (tmp_path / "sweep").rglob(name)
         assert figure.stat().st_size > 1000
+
+
+def test_a_figure_has_a_panel_only_for_the_columns_with_something_to_draw(tmp_path):
+    """Diagnostics on in one column only (mini table 4): its GDV figure has one panel, the
+    test-accuracy figure one per column."""
+    from matplotlib.image import imread
+
+    table = {"title": "Two columns", "rows": ["dropout.name"], "columns": ["data.name"], "metric": "test/acc"}
+    for data in ("small", "large"):
+        for seed in (0, 1):
+            config = config_of("standard", 0.5, seed, table=table)
+            config["data"] = {"name": data}
+            job = finished_job(tmp_path / "sweep" / f"{data}{seed}",
+                               ["dropout=standard", f"data={data}", f"seed={seed}"], config, 0.6)
+            if data == "small":
+                with open(job / "metrics.jsonl", "a") as f:
+                    for step in (0, 2):
+                        f.write(json.dumps({"step": step, "epoch": 1, "diag/gdv": 0.5,
+                                            "diag/gde": 0.2}) + "\n")
+    write_report([tmp_path / "sweep"])
+    figures = tmp_path / "sweep" / "figures"
+    widths = {name: imread(figures / name).shape[1] for name in ("gdv.png", "test_acc.png")}
+    assert widths["test_acc.png"] == 2 * widths["gdv.png"]

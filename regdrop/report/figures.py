@@ -97,22 +97,23 @@ def draw_figures(layout: Layout, out_dir: Path) -> list[tuple[str, Path]]:
     return (title, path) of each figure written."""
     from matplotlib.figure import Figure
 
-    columns = [c for c in layout.columns
-               if any(cell.finished for (_, col), cell in layout.cells.items() if col == c)]
-    if not columns:
-        return []
-    out_dir.mkdir(parents=True, exist_ok=True)
     colors = {row: f"C{i % 10}" for i, row in enumerate(layout.rows)}
     written = []
     for name, title, x_label, y_label, points in FIGURES:
         if name == "test_acc.png" and layout.spec.as_error:
             title, y_label = "Test error", "test error (%)"
+        # A panel per column that has something to draw (diagnostics may be on in one only).
+        columns = [c for c in layout.columns
+                   if any(points(job, layout) for (_, col), cell in layout.cells.items()
+                          if col == c for job in cell.finished)]
+        if not columns:
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
         ncols = min(len(columns), 3)
         nrows = math.ceil(len(columns) / ncols)
         width = 4.6 * ncols
         fig = Figure(figsize=(width, 3.3 * nrows), dpi=110)
         axes = fig.subplots(nrows, ncols, squeeze=False)
-        drawn = False
         for ax, column in zip(axes.flat, columns, strict=False):
             for row in layout.rows:
                 cell: Cell | None = layout.cells.get((row, column))
@@ -132,7 +133,6 @@ def draw_figures(layout: Layout, out_dir: Path) -> list[tuple[str, Path]]:
                     ax.fill_between(xs, [m - s for m, s in zip(means, stds, strict=True)],
                                     [m + s for m, s in zip(means, stds, strict=True)],
                                     color=colors[row], alpha=0.2, lw=0)
-                drawn = True
             if column != "all":
                 ax.set_title(column, fontsize=9)
             ax.set_xlabel(x_label)
@@ -142,8 +142,6 @@ def draw_figures(layout: Layout, out_dir: Path) -> list[tuple[str, Path]]:
                 ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(columns):]:
             ax.set_visible(False)
-        if not drawn:
-            continue
         heading = title if layout.spec.title is None else f"{title}: {layout.spec.title}"
         # About 13 characters of a 10-point title fit in an inch: wrap it to the figure.
         fig.suptitle(textwrap.fill(heading + " (mean ± std over seeds)", int(13 * width)), fontsize=10)
