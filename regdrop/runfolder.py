@@ -28,6 +28,7 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,20 +75,25 @@ def run_name(cfg: DictConfig) -> str:
     return f"{group}/{config_hash(cfg)}"
 
 
-def sweep_name(cfg: DictConfig) -> str:
+def sweep_name(experiment: str | None, overrides: Sequence[str]) -> str:
     """A multirun's folder: ``<experiment or 'sweep'>-<hash of the command's overrides>``,
     the same each time the same sweep is launched, so a re-launch finds its jobs."""
-    experiment = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None)
-    overrides = sorted(OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or [])
-    digest = hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
     return f"{experiment or 'sweep'}-{digest}"
 
 
 def register_resolvers() -> None:
-    """``${regdrop_run:}`` and ``${regdrop_sweep:}`` for Hydra's run and sweep folders."""
+    """``${regdrop_run:}`` and ``${regdrop_sweep:EXPERIMENT,OVERRIDES}`` for Hydra's run and
+    sweep folders (conf/hydra/default.yaml)."""
     if not OmegaConf.has_resolver("regdrop_run"):
         OmegaConf.register_new_resolver("regdrop_run", lambda *, _root_: run_name(_root_))
-        OmegaConf.register_new_resolver("regdrop_sweep", lambda *, _root_: sweep_name(_root_))
+        # Cached: the launcher resolves the sweep folder from the whole command and hands
+        # its resolver cache to every job (Hydra's load_sweep_config, as for ${now:}); a
+        # job's own hydra.overrides.task is its share of the sweep only, so resolved again
+        # there each job would get a folder of its own.
+        OmegaConf.register_new_resolver(
+            "regdrop_sweep", lambda experiment, overrides: sweep_name(experiment, list(overrides)),
+            use_cache=True)
 
 
 @dataclass

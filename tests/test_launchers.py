@@ -179,7 +179,7 @@ def test_submitit_requeues_a_timed_out_job_into_the_same_job_folder(tmp_path):
                      *TINY_MODELS["lenet"], *endless, f"paths.log_dir={tmp_path}",
                      f"paths.data_dir={tmp_path / 'data'}", timeout=600)
     assert result.returncode != 0 and "timed-out too many times" in result.stderr
-    [sweep] = (tmp_path / "train" / "multiruns").iterdir()  # ${now:...} resolved once
+    [sweep] = (tmp_path / "train" / "multiruns").iterdir()  # the launcher resolves it once
     [job] = job_dirs(sweep)
     [log] = (sweep / ".submitit").glob("*/*_0_log.err")
     assert log.read_text().count("Caught signal SIGUSR2") == 4  # the first run and 3 requeues

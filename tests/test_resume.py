@@ -16,7 +16,7 @@ import torch
 import regdrop.train
 from regdrop.checkpoint import CHECKPOINT, load_checkpoint
 from regdrop.train import Diverged, train
-from tests.conftest import ROOT, TINY, TINY_MODELS
+from tests.conftest import ROOT, TINY, TINY_MODELS, run_cli
 
 # Gyro dropout and an early-linear schedule active across the kill; 3 epochs of 6 steps.
 RUN = [*TINY, *TINY_MODELS["lenet"], "dropout=gyro", "dropout.sigma=8", "dropout.tau=2",
@@ -135,6 +135,23 @@ def test_a_relaunched_multirun_skips_finished_jobs_resumes_killed_ones_and_runs_
     assert len(folders) == 4
     for folder in folders:
         assert steps_logged(folder) == list(range(18))
+
+
+def test_a_multirun_without_a_sweep_dir_keeps_its_jobs_in_one_folder_found_again(tmp_path):
+    """The default sweep folder is named by the whole command, resolved once by the launcher:
+    each job lands in it (not in a folder named by its own share of the sweep), and the same
+    command launched again finds it and its finished jobs."""
+    command = ["-m", "seed=0,1", *TINY, *TINY_MODELS["lenet"], f"paths.log_dir={tmp_path}",
+               f"paths.data_dir={tmp_path / 'data'}"]
+    first = run_cli(*command)
+    assert first.returncode == 0, first.stderr[-3000:]
+    [sweep] = (tmp_path / "train" / "multiruns").iterdir()
+    assert (sweep / "multirun.yaml").is_file()
+    assert len(list(sweep.rglob("metrics.json"))) == 2
+    again = run_cli(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("holds a finished run of this config") == 2
+    assert list((tmp_path / "train" / "multiruns").iterdir()) == [sweep]
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_a_loadable_checkpoint(make_config, monkeypatch):
