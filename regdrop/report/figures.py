@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from regdrop.report.runs import Job, finite
-from regdrop.report.table import Cell, Layout, in_unit
+from regdrop.report.table import Layout, in_unit
 
 # (x, y) points of one job.
 Points = dict[float, float]
@@ -102,10 +102,11 @@ def draw_figures(layout: Layout, out_dir: Path) -> list[tuple[str, Path]]:
     for name, title, x_label, y_label, points in FIGURES:
         if name == "test_acc.png" and layout.spec.as_error:
             title, y_label = "Test error", "test error (%)"
-        # A panel per column that has something to draw (diagnostics may be on in one only).
-        columns = [c for c in layout.columns
-                   if any(points(job, layout) for (_, col), cell in layout.cells.items()
-                          if col == c for job in cell.finished)]
+        # Each cell's curves, computed once; a panel per column that has any (diagnostics
+        # may be on in one column only).
+        curves_of = {key: curves for key, cell in layout.cells.items()
+                     if (curves := [c for c in (points(job, layout) for job in cell.finished) if c])}
+        columns = [c for c in layout.columns if any((row, c) in curves_of for row in layout.rows)]
         if not columns:
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -116,11 +117,8 @@ def draw_figures(layout: Layout, out_dir: Path) -> list[tuple[str, Path]]:
         axes = fig.subplots(nrows, ncols, squeeze=False)
         for ax, column in zip(axes.flat, columns, strict=False):
             for row in layout.rows:
-                cell: Cell | None = layout.cells.get((row, column))
-                if cell is None or not cell.finished:
-                    continue
-                curves = [c for c in (points(job, layout) for job in cell.finished) if c]
-                if not curves:
+                curves = curves_of.get((row, column))
+                if curves is None:
                     continue
                 xs, means, stds = mean_and_spread(curves)
                 label = f"{row} (n={len(curves)})"
