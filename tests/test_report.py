@@ -391,6 +391,27 @@ def test_missing_jobs_match_by_result_overrides_and_a_bad_multirun_yaml_is_a_not
      "table.reference.gyro.cifar10"),
     ({"rows": ["dropout.name"], "title": 3}, "table.title"),
     ({"rows": ["dropout.name"], "loss_target": 0}, "table.loss_target"),
+    ({"rows": ["dropout.name"], "loss_window": 0}, "table.loss_window"),
+    ({"rows": ["dropout.name"], "baseline": ["none"]}, "table.baseline"),
+    ({"rows": ["dropout.name"], "regime": "overfitting"}, "table.regime"),
+    ({"rows": ["dropout.name"], "regime": {"needs": "overfit", "min_gap": 0.05}},
+     "table.regime.needs"),
+    ({"rows": ["dropout.name"], "regime": {"needs": "overfitting", "max_gap": 0.05}},
+     "table.regime.max_gap"),
+    ({"rows": ["dropout.name"], "regime": {"needs": "overfitting", "min_gap": 5}},
+     "table.regime.min_gap"),
+    ({"rows": ["dropout.name"], "regime": [{"needs": "overfitting", "min_gap": 0.05},
+                                           {"needs": "underfitting", "max_gap": 0.02}]},
+     "table.regime[0].column"),
+    ({"rows": ["dropout.name"], "claims": {"better": "gyro", "than": "standard"}},
+     "table.claims"),
+    ({"rows": ["dropout.name"], "claims": [{"better": "gyro"}]}, "table.claims[0].than"),
+    ({"rows": ["dropout.name"], "claims": [{"better": "gyro", "than": "gyro"}]},
+     "table.claims[0].than"),
+    ({"rows": ["dropout.name"], "claims": [{"better": "gyro", "than": "none", "metric": "acc"}]},
+     "table.claims[0].metric"),
+    ({"rows": ["dropout.name"], "claims": [{"better": "gyro", "than": "none", "by": 1}]},
+     "table.claims[0].by"),
 ])
 def test_check_table_names_the_bad_key(section, key):
     with pytest.raises(ConfigError) as err:
@@ -409,7 +430,17 @@ def test_check_table_accepts_the_documented_sections():
     check_table(section)
     check_table(OmegaConf.create(section))  # as the trainer's config holds it
     check_table({"rows": ["dropout.name"], "columns": [], "metric": "test/acc",
-                 "as_error": True, "loss_target": 0.5})
+                 "as_error": True, "loss_target": 0.5, "loss_window": 20})
+    with_claims = {"rows": ["dropout.name"], "columns": ["data.subset"], "baseline": "none",
+                   "regime": [{"needs": "underfitting", "max_gap": 0.02, "column": 12000},
+                              {"needs": "overfitting", "min_gap": 0.05, "column": "500"}],
+                   "claims": [{"better": "gyro / 256 / 16", "than": "standard",
+                               "metric": "test/loss", "column": "500", "paper": "gyro wins"}]}
+    check_table(OmegaConf.create(with_claims))
+    spec = TableSpec.from_section(with_claims)
+    assert [(r.needs, r.gap, r.column) for r in spec.regime] == [
+        ("underfitting", 0.02, "12000"), ("overfitting", 0.05, "500")]
+    assert spec.claims[0].column == "500" and not spec.claims[0].higher_is_better
     assert TableSpec.from_section(section).reference == {"standard": {"cifar10": 77.9},
                                                         "gyro": {"cifar10": 79.0}}
 

@@ -29,7 +29,14 @@ from regdrop.report.runs import (
     missing_jobs,
     read_metrics_log,
 )
-from regdrop.report.table import Layout, TableSpec, build_layout, check_table, place_missing
+from regdrop.report.table import (
+    Layout,
+    TableSpec,
+    build_layout,
+    check_labels,
+    check_table,
+    place_missing,
+)
 
 __all__ = ["NoRuns", "Report", "check_table", "load_jobs", "main", "read_metrics_log",
            "write_report"]
@@ -91,6 +98,7 @@ def write_report(roots: Sequence[str | Path], out: str | Path | None = None, *,
               if sweep.error]
     layout = build_layout(jobs, spec, [key for sweep in sweeps for key in sweep.swept])
     missing = place_missing(layout, missing_jobs(sweeps, jobs))
+    check_labels(layout)
     out_dir = Path(out) if out is not None else roots[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn = draw_figures(layout, out_dir / "figures") if figures else []

@@ -37,9 +37,40 @@ METRICS = {
 }
 ACCURACY_METRICS = ("best/test_acc", "test/acc")
 TABLE_KEYS = ("title", "source", "rows", "columns", "metric", "as_error", "reference",
-              "loss_target")
+              "loss_target", "loss_window", "baseline", "regime", "claims")
+CLAIM_KEYS = ("better", "than", "metric", "column", "paper")
+REGIME_KEYS = ("needs", "min_gap", "max_gap", "column")
+REGIMES = {"overfitting": "min_gap", "underfitting": "max_gap"}  # regime -> its threshold key
+DEFAULT_LOSS_WINDOW = 20  # optimizer steps in the moving mean that `loss_target` is read on
 DEFAULT_METRIC = "best/test_acc"
 _DOTTED_KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*$")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A paper's claim the report tests: row ``better`` beats row ``than`` on ``metric``
+    (higher for accuracies, lower for losses), in ``column`` when the table has columns."""
+
+    better: str
+    than: str
+    metric: str
+    column: str | None = None
+    paper: str | None = None
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric in ACCURACY_METRICS
+
+
+@dataclass(frozen=True)
+class Regime:
+    """The regime a claim needs, checked on the baseline row: ``overfitting`` (final train
+    acc - test acc above ``gap``) or ``underfitting`` (the gap below ``gap``); ``column``
+    when the table's columns are settings."""
+
+    needs: str
+    gap: float
+    column: str | None = None
 
 
 @dataclass
@@ -54,6 +85,10 @@ class TableSpec:
     as_error: bool = False
     reference: dict[str, dict[str, float | None]] = field(default_factory=dict)
     loss_target: float | None = None
+    loss_window: int = DEFAULT_LOSS_WINDOW
+    baseline: str | None = None
+    regime: list[Regime] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
 
     @classmethod
     def from_section(cls, section: Any) -> TableSpec:
@@ -76,6 +111,14 @@ class TableSpec:
             as_error=bool(data.get("as_error", False)),
             reference=reference,
             loss_target=None if data.get("loss_target") is None else float(data["loss_target"]),
+            loss_window=int(data.get("loss_window") or DEFAULT_LOSS_WINDOW),
+            baseline=_label_text(data.get("baseline")),
+            regime=[Regime(r["needs"], float(r[REGIMES[r["needs"]]]), _label_text(r.get("column")))
+                    for r in _as_list(data.get("regime"))],
+            claims=[Claim(_label_text(c["better"]), _label_text(c["than"]),
+                          c.get("metric") or data.get("metric") or DEFAULT_METRIC,
+                          _label_text(c.get("column")), c.get("paper"))
+                    for c in data.get("claims") or []],
         )
 
     @property
@@ -87,6 +130,17 @@ def _plain(value: Any) -> Any:
     if isinstance(value, DictConfig | ListConfig):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+def _label_text(value: Any) -> str | None:
+    """A row or column label as the report prints it (YAML may read ``12000`` as a number)."""
+    return None if value is None else format_value(value)
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _is_number(value: Any) -> bool:
@@ -120,7 +174,13 @@ def check_table(section: Any) -> None:
     ``columns`` may be empty), ``metric`` (one of `METRICS`), ``as_error`` (report the test
     error ``100 * (1 - acc)`` in %, for an accuracy metric), ``reference`` (the paper's
     numbers: row label -> column label -> value in the paper's unit, %) and ``loss_target``
-    (a training loss: the report gives the steps each cell takes to reach it).
+    (a training loss: the report gives the optimizer steps each cell takes until the
+    moving mean of its last ``loss_window`` step losses reaches it), ``baseline`` (the label
+    of the row without any regularization), ``regime`` (the regime the claims need, checked
+    on the baseline: ``{needs: overfitting, min_gap: 0.05}`` or ``{needs: underfitting,
+    max_gap: 0.02}``, or a list of such mappings each with ``column:``) and ``claims`` (a
+    list of ``{better: row, than: row, metric: key, column: label, paper: text}``). Whether
+    the labels name rows and columns of the sweep is checked by the report (`check_labels`).
     """
     if section is None:
         return
@@ -154,7 +214,87 @@ def check_table(section: Any) -> None:
     if target is not None and not (_is_number(target) and target > 0):
         raise ConfigError("table.loss_target", f"must be a training loss > 0 or null, got "
                                                f"{target!r}")
-    reference = data.get("reference")
+    window = data.get("loss_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ConfigError("table.loss_window", f"must be a number of optimizer steps >= 1 "
+                                               f"(default {DEFAULT_LOSS_WINDOW}), got {window!r}")
+    _check_label(data.get("baseline"), "table.baseline", optional=True)
+    _check_regime(data.get("regime"))
+    _check_claims(data.get("claims"))
+    _check_reference(data.get("reference"))
+
+
+def _check_label(value: Any, key: str, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, str | int | float) or value == "":
+        raise ConfigError(key, "must be a row or column label exactly as the report prints "
+                               "it (the keys' values joined by ' / ', e.g. \"gyro / 256 / "
+                               f"16\"), got {value!r}")
+
+
+def _check_regime(regime: Any) -> None:
+    if regime is None:
+        return
+    shape = ("must be {needs: overfitting, min_gap: 0.05} or {needs: underfitting, "
+             "max_gap: 0.02} (the baseline's final train acc - test acc, 0-1), or a list of "
+             "such mappings each with column: <column label>")
+    items = regime if isinstance(regime, list | tuple) else [regime]
+    if not items:
+        raise ConfigError("table.regime", f"{shape}; got an empty list")
+    for i, item in enumerate(items):
+        key = "table.regime" if not isinstance(regime, list | tuple) else f"table.regime[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(key, f"{shape}; got {item!r}")
+        check_keys(item, key, REGIME_KEYS)
+        needs = item.get("needs")
+        if needs not in REGIMES:
+            raise ConfigError(f"{key}.needs", f"must be one of {', '.join(REGIMES)}, got "
+                                              f"{needs!r}")
+        threshold = REGIMES[needs]
+        other = next(k for k in REGIMES.values() if k != threshold)
+        if item.get(other) is not None:
+            raise ConfigError(f"{key}.{other}", f"belongs to the other regime; {needs} is "
+                                                f"checked against {threshold}")
+        gap = item.get(threshold)
+        if not (_is_number(gap) and 0 <= gap <= 1):
+            raise ConfigError(f"{key}.{threshold}", f"{needs} needs {threshold}: a train - "
+                                                    f"test accuracy gap in [0, 1], got {gap!r}")
+        _check_label(item.get("column"), f"{key}.column", optional=True)
+        if isinstance(regime, list | tuple) and len(items) > 1 and item.get("column") is None:
+            raise ConfigError(f"{key}.column", "a list of regimes needs a column label in each "
+                                               "(the column whose setting is in that regime)")
+
+
+def _check_claims(claims: Any) -> None:
+    if claims is None:
+        return
+    shape = ("must be a list of {better: <row label>, than: <row label>, metric: <summary "
+             "key>, column: <column label> (optional), paper: <the paper's words>}")
+    if not isinstance(claims, list | tuple):
+        raise ConfigError("table.claims", f"{shape}; got {claims!r}")
+    for i, claim in enumerate(claims):
+        key = f"table.claims[{i}]"
+        if not isinstance(claim, Mapping):
+            raise ConfigError(key, f"{shape}; got {claim!r}")
+        check_keys(claim, key, CLAIM_KEYS)
+        for part in ("better", "than"):
+            _check_label(claim.get(part), f"{key}.{part}", optional=False)
+        if format_value(claim["better"]) == format_value(claim["than"]):
+            raise ConfigError(f"{key}.than", f"names the same row as better "
+                                             f"({claim['better']!r}); a claim compares two rows")
+        metric = claim.get("metric")
+        if metric is not None and metric not in METRICS:
+            raise ConfigError(f"{key}.metric", f"unknown metric {metric!r}; valid: "
+                                               f"{', '.join(METRICS)}")
+        _check_label(claim.get("column"), f"{key}.column", optional=True)
+        paper = claim.get("paper")
+        if paper is not None and not isinstance(paper, str):
+            raise ConfigError(f"{key}.paper", f"must be text (the paper's words), got {paper!r}")
+
+
+def _check_reference(reference: Any) -> None:
     if reference is None:
         return
     shape = ("must map row labels to {column label: the paper's value}, e.g. "
@@ -428,3 +568,35 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
              "|" + "|".join(marks[a] for a in align) + "|"]
     lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def check_labels(layout: Layout) -> None:
+    """Raise `ConfigError` (``table.claims[i].better`` ...) when the ``baseline``, a
+    ``regime`` or a claim names a row or column the sweep does not have."""
+    spec = layout.spec
+    rows, columns = set(layout.rows), set(layout.columns)
+
+    def check(label: str | None, key: str, known: set[str], what: str) -> None:
+        if label is not None and label not in known:
+            raise ConfigError(key, f"{label!r} is not a {what} of these runs; the {what}s "
+                                   f"are: {', '.join(repr(x) for x in sorted(known, key=natural_key))}")
+
+    def check_column(label: str | None, key: str) -> None:
+        if label is None and layout.column_keys and len(columns) > 1:
+            raise ConfigError(key, "the table has columns; name one (one of "
+                                   f"{', '.join(repr(c) for c in sorted(columns, key=natural_key))})")
+        check(label, key, columns, "column")
+
+    check(spec.baseline, "table.baseline", rows, "row")
+    if spec.regime and spec.baseline is None:
+        raise ConfigError("table.baseline", "a regime is checked on the baseline row: name it "
+                                            "(the label of the row without regularization)")
+    for i, regime in enumerate(spec.regime):
+        key = "table.regime" if len(spec.regime) == 1 else f"table.regime[{i}]"
+        if regime.column is not None:
+            check(regime.column, f"{key}.column", columns, "column")
+    for i, claim in enumerate(spec.claims):
+        key = f"table.claims[{i}]"
+        check(claim.better, f"{key}.better", rows, "row")
+        check(claim.than, f"{key}.than", rows, "row")
+        check_column(claim.column, f"{key}.column")
