@@ -45,27 +45,57 @@ def _options(cfg, group: str, valid: set[str]) -> dict:
     return {k: tuple(v) if k == "betas" else v for k, v in options.items()}
 
 
+# The keys that are a decay or momentum factor of a running average: in [0, 1). A value of
+# 1 or more (``optim.momentum=9`` for 0.9) makes the average grow without bound, and torch
+# accepts it without a word.
+_FRACTIONS = {
+    "momentum": "the momentum factor, 0.9 is usual",
+    "alpha": "RMSProp's squared-gradient decay (TensorFlow's decay), 0.9 or 0.99 is usual",
+}
+
+
+def check_fraction(value, key: str, what: str) -> None:
+    """Raise `ConfigError` naming ``key`` unless ``value`` is a number in [0, 1)."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value < 1
+    if not ok:
+        raise ConfigError(key, f"must be a number in [0, 1) ({what}), got {value!r}")
+
+
 def check_optim(cfg) -> None:
-    """Check the config ``optim`` section: name, keys and values."""
+    """Check the config ``optim`` section: name, keys and values, each against its valid
+    range, so that torch never trains with a value it would take silently (momentum 9)."""
     if cfg.name not in _OPTIMIZERS:
         raise ConfigError("optim.name", f"unknown optimizer {cfg.name!r}; valid: {', '.join(_OPTIMIZERS)}")
     _, valid = _OPTIMIZERS[cfg.name]
+    if "betas" in cfg:
+        betas = cfg.betas
+        # A scalar or a string here would be unpacked (or fail) as a sequence further on.
+        pair = not isinstance(betas, str) and hasattr(betas, "__len__") and len(betas) == 2
+        if not pair or not all(not isinstance(b, bool) and isinstance(b, int | float) and 0 <= b < 1
+                               for b in betas):
+            shown = list(betas) if pair else betas
+            raise ConfigError("optim.betas", f"must be a pair [beta1, beta2] of numbers in [0, 1) (the decays "
+                              f"of Adam's two averages, [0.9, 0.999] is usual), got {shown!r}")
     options = _options(cfg, "optim", valid | _OWN_KEYS)
     for key, value in options.items():
         if key == "reference_batch":
             check_number(value, "optim.reference_batch", integer=True, minimum=1, optional=True)
         elif key == "betas":
-            if len(value) != 2:
-                raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {list(value)}")
-            for beta in value:
-                check_number(beta, "optim.betas", minimum=0)
+            pass  # checked above, before `_options` unpacks it
+        elif key in _FRACTIONS:
+            check_fraction(value, f"optim.{key}", _FRACTIONS[key])
         elif key == "lr":
             check_number(value, "optim.lr", above=0)
+        elif key == "eps":
+            check_number(value, "optim.eps", above=0)
         elif key == "nesterov":
             if not isinstance(value, bool):
                 raise ConfigError("optim.nesterov", f"must be true or false, got {value!r}")
         else:
             check_number(value, f"optim.{key}", minimum=0)
+    if options.get("nesterov") and not options.get("momentum"):
+        raise ConfigError("optim.nesterov", "Nesterov momentum needs a momentum: set optim.momentum in "
+                          "(0, 1) or optim.nesterov=false")
 
 
 def scaled_lr(cfg, global_batch: int | None) -> float:
