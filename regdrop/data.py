@@ -38,8 +38,10 @@ import contextlib
 import gzip
 import math
 import os
+import pickle
 import random
-import shutil
+import sys
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from regdrop.errors import ConfigError, check_keys, check_number
 from regdrop.methods.base import derive_seed
@@ -75,10 +77,13 @@ DATA_KEYS = {
     "fashion_mnist": _IN_MEMORY_KEYS,
     "cifar10": _IN_MEMORY_KEYS,
     "cifar100": _IN_MEMORY_KEYS,
-    "imagenet": _COMMON_KEYS | {"image_size"},
+    "imagenet": _COMMON_KEYS | {"image_size", "on_bad_image"},
     "synthetic": _IN_MEMORY_KEYS | {"channels", "image_size", "num_classes", "num_train", "num_test", "noise"},
 }
 INTERPOLATIONS = ("bilinear", "bicubic")
+# What an ImageFolder run does with an image file that cannot be decoded (``data.on_bad_image``):
+# stop with a message naming the file, or leave it out of its batch and count it.
+ON_BAD_IMAGE = ("stop", "skip")
 # The augmentation keys a section may leave out (older configs): their "off" values.
 AUGMENT_DEFAULTS = {"randaugment": None, "random_erasing": 0.0, "interpolation": "bilinear", "crop_size": None}
 # Streams of the in-memory loader's generators (derive_seed's first key after the seed).
@@ -363,6 +368,9 @@ def check_data(cfg) -> None:
         check_number(cfg.noise, "data.noise", minimum=0)
     if name == "imagenet":
         check_number(cfg.image_size, "data.image_size", integer=True, minimum=1)
+        if cfg.get("on_bad_image", "stop") not in ON_BAD_IMAGE:
+            raise ConfigError("data.on_bad_image", f"must be stop (end the run naming the unreadable image) "
+                              f"or skip (leave it out and count it), got {cfg.on_bad_image!r}")
     info = data_info(cfg)
     crop = augmentation(cfg)["crop_size"]
     full = cfg.image_size if name == "synthetic" else SHAPES.get(name, (0, 0))[1]
@@ -441,8 +449,55 @@ def _check_present(cfg) -> None:
         folder = _CIFAR[cfg.name][1]
         if not (root / folder).is_dir():
             raise _missing(cfg, f"{cfg.name.upper()} ({folder}/)", _CIFAR_HOW)
-    elif cfg.name == "imagenet" and not ((root / "train").is_dir() and (root / "val").is_dir()):
-        raise _missing(cfg, "ImageNet (train/ and val/ ImageFolder trees)", _IMAGENET_HOW)
+    elif cfg.name == "imagenet":
+        if not ((root / "train").is_dir() and (root / "val").is_dir()):
+            raise _missing(cfg, "ImageNet (train/ and val/ ImageFolder trees)", _IMAGENET_HOW)
+        check_image_folders(root)
+
+
+def check_image_folders(root: Path) -> None:
+    """Check an ImageFolder pair ``root/train``, ``root/val`` before anything is read: both
+    list the same class folders (labels are numbered by sorted folder name in each tree
+    apart, so a class named differently or missing in one shifts every label after it
+    without a word), and every class folder holds at least one image file."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = {}
+    for split in ("train", "val"):
+        classes[split] = sorted(entry.name for entry in os.scandir(root / split) if entry.is_dir())
+        if not classes[split]:
+            raise ConfigError("data.root", f"{root / split} holds no class folders; an ImageFolder tree is "
+                              f"<root>/{split}/<class>/<image> ({_IMAGENET_HOW})")
+    only_train = sorted(set(classes["train"]) - set(classes["val"]))
+    only_val = sorted(set(classes["val"]) - set(classes["train"]))
+    if only_train or only_val:
+        raise ConfigError("data.root", f"the class folders of {root / 'val'} differ from those of {root / 'train'}: "
+                          f"only in train/: {_some(only_train)}; only in val/: {_some(only_val)}. Labels are "
+                          "numbered by sorted folder name in each tree, so the two must list the same classes; "
+                          "rename, add or remove class folders until they do")
+    empty = [f"{split}/{name}" for split in ("train", "val") for name in classes[split]
+             if not _holds_an_image(root / split / name, IMG_EXTENSIONS)]
+    if empty:
+        raise ConfigError("data.root", f"class folder(s) of {root} with no image file: {_some(empty)} (image files "
+                          f"end in {', '.join(IMG_EXTENSIONS)}); add its images, or remove the class from both "
+                          "train/ and val/")
+
+
+def _some(names: list[str], shown: int = 10) -> str:
+    """Names for a message: all of them, or the first ``shown`` and how many more."""
+    if not names:
+        return "none"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _holds_an_image(folder: Path, extensions: tuple[str, ...]) -> bool:
+    """Whether ``folder`` (or a folder below it, as ImageFolder walks them) holds a file
+    ImageFolder would read; stops at the first one, so a full class costs one listing."""
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(name.lower().endswith(extensions) for name in files):
+            return True
+    return False
 
 
 def build_data(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
@@ -540,18 +595,112 @@ def _fashion_mnist(cfg):
             # Unpack Debian's files once, where torchvision's loader looks for them.
             raw.mkdir(parents=True, exist_ok=True)
             for f in FASHION_MNIST_FILES:
-                # Unpacked under a private name, then renamed: parallel jobs never read half a file.
-                partial = raw / f"{f}.{os.getpid()}.partial"
-                with gzip.open(DEBIAN_FASHION_MNIST / f"{f}.gz", "rb") as src, open(partial, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                os.replace(partial, raw / f)
+                _unpack_debian_file(DEBIAN_FASHION_MNIST / f"{f}.gz", raw / f)
         elif not cfg.download:
             raise _missing(cfg, "Fashion-MNIST", _FASHION_MNIST_HOW)
+    if all((raw / f).exists() for f in FASHION_MNIST_FILES):
+        _check_fashion_mnist(raw)
     train, test = _torchvision_splits(FashionMNIST, cfg, "Fashion-MNIST")
     return (
         train.data.unsqueeze(1), train.targets.long(),
         test.data.unsqueeze(1), test.targets.long(), 10,
     )
+
+
+class DataFileError(ConfigError):
+    """A file of a data set that cannot be read as the data set it should be (truncated,
+    garbage, the wrong format or shape, an undecodable image). The message names the file,
+    what is wrong with it and what to do; regdrop never changes or deletes it."""
+
+    def __init__(self, path: Path | str, problem: str, remedy: str) -> None:
+        self.path = Path(path)
+        super().__init__(str(path), f"{problem}. {remedy}")
+
+
+def describe_error(err: BaseException) -> str:
+    """A reader's exception on one line: its type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+
+
+_REINSTALL_FASHION_MNIST = ("Re-install Debian's package (sudo apt-get install --reinstall "
+                            "dataset-fashion-mnist), then run again.")
+# IDX files (LeCun's MNIST format, big-endian): magic 0x0000 <type 0x08 = unsigned byte>
+# <number of dimensions>, then one 4-byte size per dimension, then the bytes.
+_IDX_UBYTE = 0x08
+FASHION_MNIST_SIZE = 28
+
+
+def _unpack_debian_file(packed: Path, target: Path) -> None:
+    """Unpack one of Debian's .gz files to ``target``, checked before it is put in place:
+    under a private name, then renamed, so parallel jobs never read half a file and a
+    damaged source never leaves a damaged copy behind."""
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        with gzip.open(packed, "rb") as source, open(partial, "wb") as unpacked:
+            while True:
+                try:
+                    chunk = source.read(1 << 20)
+                except (OSError, EOFError, zlib.error) as err:  # truncated, garbage, not gzip
+                    raise DataFileError(packed, f"cannot be unpacked, the file is damaged ({describe_error(err)})",
+                                        _REINSTALL_FASHION_MNIST) from None
+                if not chunk:
+                    break
+                unpacked.write(chunk)
+        _, problem = _idx_problem(partial, dims=1 if "labels" in target.name else 3)
+        if problem:
+            raise DataFileError(packed, f"unpacks to a file that {problem}", _REINSTALL_FASHION_MNIST)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _idx_problem(path: Path, dims: int) -> tuple[int, str | None]:
+    """The number of items an IDX file of Fashion-MNIST holds, and what is wrong with it
+    (None when it is well formed): its magic number, its image size, its length against
+    the one its header gives, and for labels (``dims`` 1) the values."""
+    size = path.stat().st_size
+    header_size = 4 * (dims + 1)
+    with open(path, "rb") as f:
+        header = f.read(header_size)
+    if len(header) < header_size:
+        return 0, f"is {size} bytes long, shorter than its IDX header ({header_size} bytes): truncated"
+    words = np.frombuffer(header, dtype=">u4")
+    expected = (_IDX_UBYTE << 8) | dims
+    if words[0] != expected:
+        return 0, (f"is not an IDX file of {'labels' if dims == 1 else 'images'}: it starts with 0x{int(words[0]):08x}, "
+                   f"not the magic number 0x{expected:08x} (unsigned bytes, {dims} dimension(s))")
+    shape = [int(w) for w in words[1:]]
+    if dims == 3 and shape[1:] != [FASHION_MNIST_SIZE, FASHION_MNIST_SIZE]:
+        return 0, f"holds {shape[1]} x {shape[2]} images; Fashion-MNIST's are 28 x 28"
+    promised = header_size + int(np.prod(shape))
+    if size != promised:
+        return 0, (f"is {size} bytes long, but its header promises {promised} ({' x '.join(map(str, shape))} "
+                   f"bytes after the header): {'truncated' if size < promised else 'extra bytes at the end'}")
+    if dims == 1:
+        labels = np.fromfile(path, dtype=np.uint8, offset=header_size)
+        if labels.size and labels.max() > 9:
+            return 0, f"holds the label {int(labels.max())}; Fashion-MNIST's labels are 0..9"
+    return shape[0], None
+
+
+def _check_fashion_mnist(raw: Path) -> None:
+    """Check the unpacked IDX files before torchvision reads them (its reader stops on a bare
+    `AssertionError`, or reshapes a short file without a word)."""
+    remedy = ("Delete it: regdrop unpacks it again from Debian's dataset-fashion-mnist package (or "
+              "torchvision downloads it with data.download=true), then run again.")
+    for split in ("train", "t10k"):
+        images, labels = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
+        counts = []
+        for path, dims in ((images, 3), (labels, 1)):
+            count, problem = _idx_problem(path, dims)
+            if problem:
+                raise DataFileError(path, problem, remedy)
+            counts.append(count)
+        if counts[0] != counts[1]:
+            raise DataFileError(images, f"holds {counts[0]} images but {labels.name} beside it holds "
+                                f"{counts[1]} labels; one of the two is from another copy",
+                                remedy.replace("Delete it", "Delete both"))
 
 
 def _cifar(cfg):
@@ -561,13 +710,73 @@ def _cifar(cfg):
     classes, folder = _CIFAR[cfg.name]
     if not cfg.download and not (Path(cfg.root) / folder).is_dir():
         raise _missing(cfg, f"{cfg.name.upper()} ({folder}/)", _CIFAR_HOW)
-    train, test = _torchvision_splits(cls, cfg, cfg.name.upper())
+    try:
+        train, test = _torchvision_splits(cls, cfg, cfg.name.upper())
+    except Exception:
+        # torchvision says "not found or corrupted" (a checksum), or fails inside a pickle
+        # or a reshape: name the file and what is wrong with it where one is to blame.
+        damage = _cifar_damage(cls, Path(cfg.root) / folder, classes)
+        if damage is None:
+            raise
+        raise _cifar_error(cfg, *damage) from None
 
     def to_tensor(ds):
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         return images, torch.tensor(ds.targets, dtype=torch.long)
 
-    return (*to_tensor(train), *to_tensor(test), classes)
+    (train_x, train_y), (test_x, test_y) = to_tensor(train), to_tensor(test)
+    if any(len(x) != len(y) or (len(y) and not 0 <= int(y.min()) <= int(y.max()) < classes)
+           for x, y in ((train_x, train_y), (test_x, test_y))):
+        damage = _cifar_damage(cls, Path(cfg.root) / folder, classes)
+        raise _cifar_error(cfg, *(damage or (Path(cfg.root) / folder, "holds labels that do not fit its images")))
+    return train_x, train_y, test_x, test_y, classes
+
+
+def _cifar_error(cfg, path: Path, problem: str) -> DataFileError:
+    folder = path if path.is_dir() else path.parent
+    return DataFileError(path, problem, f"Delete {folder} and unpack the python version of {cfg.name.upper()} "
+                         "there again (https://www.cs.toronto.edu/~kriz/cifar.html), or run once with "
+                         "data.download=true where the network allows.")
+
+
+def _cifar_damage(cls, folder: Path, classes: int) -> tuple[Path, str] | None:
+    """The first file of a CIFAR folder that is not what torchvision's ``cls`` expects, and
+    what is wrong with it: missing, not a pickle (truncated, garbage), the wrong contents or
+    shapes, or a checksum other than the published one. None if every file is sound."""
+    from torchvision.datasets.utils import check_integrity
+
+    label_key = "labels" if classes == 10 else "fine_labels"
+    listed = [(name, md5, True) for name, md5 in cls.train_list + cls.test_list]
+    listed.append((cls.meta["filename"], cls.meta["md5"], False))
+    for name, md5, is_batch in listed:
+        path = folder / name
+        if not path.is_file():
+            return path, "is missing"
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+        except Exception as err:  # a damaged pickle raises almost anything
+            return path, f"is not a readable pickle: truncated or not a CIFAR file ({describe_error(err)})"
+        if not isinstance(entry, dict):
+            return path, f"holds a {type(entry).__name__}, not the dict of a CIFAR file"
+        if not is_batch:
+            if cls.meta["key"] not in entry:
+                return path, f"has no {cls.meta['key']!r} entry: not the meta file of this data set"
+        else:
+            if "data" not in entry or label_key not in entry:
+                return path, f"has no 'data' and {label_key!r} entries: not a batch of this data set"
+            data, labels = np.asarray(entry["data"]), np.asarray(entry[label_key])
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                return path, (f"holds {data.dtype} data of shape {data.shape}; a CIFAR batch holds uint8 rows of "
+                              f"3 x 32 x 32 = 3072 pixels")
+            if labels.shape != (len(data),):
+                return path, f"holds {len(data)} images but {labels.size} labels"
+            wrong = labels[(labels < 0) | (labels >= classes)]
+            if wrong.size:
+                return path, f"holds the label {int(wrong[0])}; valid: 0..{classes - 1}"
+        if not check_integrity(str(path), md5):
+            return path, "differs from the published file (its md5 checksum): damaged or from another copy"
+    return None
 
 
 def _synthetic(cfg, seed: int):
@@ -614,8 +823,10 @@ def _imagenet(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Data:
             if cfg.augment else center
         )
         train_transform = transforms.Compose([*train_tf, transforms.ToTensor(), *norm])
-    train_set = datasets.ImageFolder(root / "train", train_transform)
-    test_set = datasets.ImageFolder(root / "val", transforms.Compose([*center, transforms.ToTensor(), *norm]))
+    train_set = CheckedImageFolder(datasets.ImageFolder(root / "train", train_transform))
+    test_set = CheckedImageFolder(
+        datasets.ImageFolder(root / "val", transforms.Compose([*center, transforms.ToTensor(), *norm]))
+    )
     generator = torch.Generator().manual_seed(seed)
     if cfg.subset is not None:
         # A seeded random subset: ImageFolder lists files class by class, so the first N
@@ -628,13 +839,113 @@ def _imagenet(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Data:
     sampler = ResumableSampler(
         train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
-    train = DataLoader(
+    on_bad_image = cfg.get("on_bad_image", "stop")
+    train = ImageFolderLoader(
         train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, generator=generator,
+        on_bad_image=on_bad_image, split="train",
     )
-    test = DataLoader(test_set, cfg.eval_batch_size, num_workers=workers, pin_memory=torch.cuda.is_available())
+    test = ImageFolderLoader(test_set, cfg.eval_batch_size, num_workers=workers,
+                             pin_memory=torch.cuda.is_available(), on_bad_image=on_bad_image, split="val")
     info = DataInfo("imagenet", len(test_set.classes), 3, size, len(train_set), len(test_set))
     return Data(info, train, test)
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """An image file that could not be decoded, handed on in its sample's place: a
+    DataLoader worker never raises for it (torch would re-raise the worker's exception in
+    the main process as a traceback inside a RuntimeError)."""
+
+    path: str
+    reason: str
+
+
+class CheckedImageFolder(Dataset):
+    """A torchvision ``ImageFolder`` whose images are decoded under watch, inside the
+    worker that reads them: an unreadable file (truncated, garbage, not an image) becomes
+    a `BadImage` for `ImageFolderLoader` to stop on or skip (``data.on_bad_image``)."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.classes = folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    @property
+    def transform(self) -> Callable | None:
+        return self.folder.transform
+
+    def __getitem__(self, index: int):
+        path, target = self.folder.samples[index]
+        try:
+            image = self.folder.loader(path)  # PIL open + convert("RGB"): the full decode
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            from PIL import UnidentifiedImageError
+
+            # PIL's own message repeats the path (as a file object's repr): the path is named anyway.
+            reason = ("UnidentifiedImageError: not an image format PIL can decode"
+                      if isinstance(err, UnidentifiedImageError) else describe_error(err))
+            return BadImage(path, reason), target
+        if self.folder.transform is not None:
+            image = self.folder.transform(image)
+        return image, target
+
+
+def collate_checked(batch: list) -> tuple:
+    """torch's ``default_collate`` of a batch's readable samples, and its `BadImage`s apart."""
+    bad = [image for image, _ in batch if isinstance(image, BadImage)]
+    good = [sample for sample in batch if not isinstance(sample[0], BadImage)]
+    images, labels = default_collate(good) if good else (None, None)
+    return images, labels, bad
+
+
+class ImageFolderLoader(DataLoader):
+    """The DataLoader of a `CheckedImageFolder`; applies ``data.on_bad_image`` in the main
+    process. ``stop``: a `DataFileError` naming the first unreadable image. ``skip``: the
+    image is left out of its batch (one sample fewer) and, once per pass over the data, one
+    warning says how many were left out (``skipped`` keeps the run's total)."""
+
+    def __init__(self, dataset, *args, on_bad_image: str = "stop", split: str = "train", **kwargs) -> None:
+        super().__init__(dataset, *args, collate_fn=collate_checked, **kwargs)
+        self.on_bad_image, self.split = on_bad_image, split
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches_left = len(self)  # before the sampler's iter forgets a resumed start
+        return self._checked(super().__iter__(), batches_left)
+
+    def _checked(self, batches, batches_left: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        skipped: list[BadImage] = []
+        try:
+            for images, labels, bad in batches:
+                batches_left -= 1
+                if bad and self.on_bad_image == "stop":
+                    raise DataFileError(bad[0].path, f"cannot be decoded as an image ({bad[0].reason})",
+                                        "Replace or delete the file, or set data.on_bad_image=skip to leave "
+                                        "unreadable images out (they are counted and reported).")
+                skipped += bad
+                if images is None:
+                    raise DataFileError(bad[0].path, f"cannot be decoded ({bad[0].reason}), nor can the other "
+                                        f"{len(bad) - 1} image(s) of its batch", "Check the image files under "
+                                        "data.root: data.on_bad_image=skip leaves out single images, not whole "
+                                        "batches.")
+                if batches_left == 0:  # the pass's last batch: report now, not when the loop lets go
+                    self._report(skipped)
+                    skipped = []
+                yield images, labels
+        finally:  # a pass cut short (trainer.max_steps, trainer.eval_batches) reports too
+            self._report(skipped)
+
+    def _report(self, skipped: list[BadImage]) -> None:
+        if not skipped:
+            return
+        self.skipped += len(skipped)
+        first = skipped[0]
+        print(f"regdrop: warning: data.on_bad_image=skip: {len(skipped)} unreadable image(s) of {self.split}/ left "
+              f"out of this pass ({self.skipped} in all); the first: {first.path} ({first.reason})",
+              file=sys.stderr, flush=True)
 
 
 class ResumableSampler(DistributedSampler):

@@ -45,6 +45,7 @@ BAD_INPUTS = [
     (["data.subset=0"], "data.subset"),
     (["data.augment=maybe"], "data.augment"),
     (["data=cifar10", "data.root=/nonexistent/regdrop-data"], "data.root"),
+    (["data=imagenet", "data.on_bad_image=ignore"], "data.on_bad_image"),
     (["model.width=abc"], "model"),
     (["+model.depth=3"], "model.depth"),
     (["optim.lr=-1"], "optim.lr"),
