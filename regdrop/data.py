@@ -30,6 +30,13 @@ batch's place in the run.
 
 Nothing is downloaded unless ``data.download=true``; a missing data set stops the run
 before training with a message naming ``data.root`` and how to get the data.
+
+Data sets are checked, not trusted: a damaged Fashion-MNIST IDX file (Debian's .gz or the
+copy unpacked under ``data.root``) or CIFAR pickle is a `DataFileError` naming the file,
+what is wrong and what to do; an ImageFolder pair whose ``val/`` classes differ from
+``train/``'s, or with an empty class folder, is refused before anything is read (labels
+are numbered by folder, so it would train on wrong labels); an image that cannot be
+decoded stops the run or is skipped and counted (``data.on_bad_image``).
 """
 
 from __future__ import annotations
@@ -492,12 +499,17 @@ def _some(names: list[str], shown: int = 10) -> str:
 
 
 def _holds_an_image(folder: Path, extensions: tuple[str, ...]) -> bool:
-    """Whether ``folder`` (or a folder below it, as ImageFolder walks them) holds a file
-    ImageFolder would read; stops at the first one, so a full class costs one listing."""
-    for _, _, files in os.walk(folder, followlinks=True):
-        if any(name.lower().endswith(extensions) for name in files):
-            return True
-    return False
+    """Whether ``folder`` (or a folder below it, as ImageFolder walks them, links followed)
+    holds a file ImageFolder would read. Stops at the first one: a class of ImageNet's
+    1,300 images costs the first entries of one listing, not the listing."""
+    subfolders = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.lower().endswith(extensions) and entry.is_file():
+                return True
+            if entry.is_dir():
+                subfolders.append(Path(entry.path))
+    return any(_holds_an_image(sub, extensions) for sub in subfolders)
 
 
 def build_data(cfg, seed: int = 0, rank: int = 0, world_size: int = 1) -> Data:
@@ -799,6 +811,8 @@ def _imagenet(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Data:
     root = Path(cfg.root)
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise _missing(cfg, "ImageNet (train/ and val/ ImageFolder trees)", _IMAGENET_HOW)
+    if cfg.download:  # check_data left the tree unchecked (nothing is downloaded for ImageNet)
+        check_image_folders(root)
     mean, std = STATS["imagenet"]
     norm = [transforms.Normalize(mean, std)] if cfg.normalize else []
     size = cfg.image_size

@@ -19,6 +19,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 import regdrop.data
 from regdrop.cli import run
 from regdrop.data import build_data
+from regdrop.errors import ConfigError
 from tests.conftest import TINY, TINY_DATA, TINY_MODELS, compose_config
 
 BASE = [o for o in TINY if o not in TINY_DATA] + TINY_MODELS["lenet"]
@@ -269,8 +270,13 @@ def test_a_class_missing_from_val_is_an_error_naming_it(tmp_path, capsys):
     data_root = tmp_path / "imagenet"
     write_image_folder(data_root)
     shutil.rmtree(data_root / "val" / "n02102040")
-    message = rejected(config(tmp_path, data_root, *IMAGENET), capsys, data_root)
+    cfg = config(tmp_path, data_root, *IMAGENET)
+    message = rejected(cfg, capsys, data_root)
     assert squeeze("only in train/: n02102040; only in val/: none") in message
+    with open_dict(cfg):
+        cfg.data.download = True  # skips the check for a data set's presence, not this one
+    with pytest.raises(ConfigError, match="only in train/: n02102040"):
+        build_data(cfg.data)
 
 
 def test_an_empty_class_folder_is_an_error_naming_it(tmp_path, capsys):
