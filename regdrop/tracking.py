@@ -41,9 +41,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from regdrop.errors import ConfigError, check_keys
+from regdrop.wandb_log import (
+    DERIVED_SUMMARIES,
+    check_log_checkpoints,
+    define_metrics,
+    log_checkpoints,
+    method_columns,
+    run_labels,
+    wandb_record,
+)
 
 WANDB_MODES = ("offline", "online", "disabled")
-WANDB_KEYS = {"name", "mode", "project", "entity", "group", "run_name", "tags"}
+WANDB_KEYS = {"name", "mode", "project", "entity", "group", "run_name", "job_type", "tags", "log_checkpoints"}
 LOGGERS = ("wandb", "none")
 
 
@@ -57,6 +66,7 @@ def check_logger(logger) -> None:
         if mode not in WANDB_MODES:
             source = "WANDB_MODE" if os.environ.get("WANDB_MODE") else "logger.mode"
             raise ConfigError(source, f"must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
+        check_log_checkpoints(logger)
 
 
 class RunTracker:
@@ -70,6 +80,9 @@ class RunTracker:
         self.wandb_run = None
         self._jsonl = self._log = None
         self._status: dict[str, Any] = {}
+        self._checkpoints: dict[str, Path] = {}  # kind -> newest file, for wandb artifacts at the end
+        self._last_step: int | None = None
+        self._wandb_keys: set[str] = set()  # keys this run logged to wandb's history
         self._metrics_bytes, self._wandb_id = metrics_bytes, wandb_id
 
     def __enter__(self) -> RunTracker:
@@ -133,7 +146,9 @@ class RunTracker:
         if self._jsonl is None:
             return
         self._jsonl.write(json.dumps(_clean(record)) + "\n")
-        self._wandb(lambda run: run.log({k: v for k, v in record.items() if k != "step"}, step=step))
+        self._last_step = step
+        self._wandb_keys.update(record)
+        self._wandb(lambda run: run.log(wandb_record(record), step=step))
 
     def heartbeat(self) -> None:
         """Mark the run alive now (``run.json``'s ``updated``)."""
@@ -149,8 +164,16 @@ class RunTracker:
         return path
 
     def log_config_extra(self, values: dict[str, Any]) -> None:
-        """Facts found at run time (surgery report, steps per epoch): into the wandb config."""
+        """Facts found at run time (surgery report, steps per epoch): into the wandb config;
+        the method's options and the world size also as top-level columns (`method_columns`)."""
+        if "method_options" in values:
+            values = {**values, **method_columns(self.cfg, values["method_options"], values.get("world_size", 1))}
         self._wandb(lambda run: run.config.update(values, allow_val_change=True))
+
+    def log_checkpoint(self, path: Path, kind: str) -> None:
+        """A checkpoint was written (``kind``: ``last`` or ``best``); the newest of each kind
+        becomes a wandb artifact when the run closes, if ``logger.log_checkpoints`` asks."""
+        self._checkpoints[kind] = Path(path)
 
     def log_image(self, key: str, path: Path, step: int = 0) -> None:
         def log(run):
@@ -170,7 +193,8 @@ class RunTracker:
 
             def record(run):
                 for key, value in summary.items():
-                    run.summary[key] = value
+                    if key not in DERIVED_SUMMARIES or key not in self._wandb_keys:  # else wandb's max/last
+                        run.summary[key] = value
 
             self._wandb(record)
         self._close("finished", exit_code=0)
@@ -198,6 +222,7 @@ class RunTracker:
             return
         self._jsonl.close()
         self._jsonl = None
+        self._wandb(lambda run: log_checkpoints(run, self.cfg, self._checkpoints, self._last_step))
         run, self.wandb_run = self.wandb_run, None
         if run is not None:
             try:
@@ -279,23 +304,29 @@ class StepLog:
 
 
 def _start_wandb(output_dir: Path, cfg: DictConfig, run_id: str | None = None):
+    """The run's wandb run (offline by default), grouped, named and tagged as
+    `regdrop.wandb_log` says, with the table's metrics declared."""
     import wandb
 
     logger = cfg.logger
-    return wandb.init(
+    labels = run_labels(cfg)
+    run = wandb.init(
         id=run_id,
         resume="allow" if run_id else None,
         project=logger.project,
         entity=logger.entity,
-        group=logger.group,
-        name=logger.run_name,
-        tags=list(logger.tags or []),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        group=labels.group,
+        name=labels.name,
+        job_type=labels.job_type,
+        tags=labels.tags,
+        config={**OmegaConf.to_container(cfg, resolve=True), **labels.columns},
         dir=str(output_dir),
         mode=os.environ.get("WANDB_MODE") or logger.mode,
         reinit="finish_previous",
         settings=wandb.Settings(silent=True, console="off"),
     )
+    define_metrics(run)
+    return run
 
 
 def _now() -> str:

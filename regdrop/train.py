@@ -225,8 +225,10 @@ def checkpoint(output_dir: Path, parts: StepParts, state: TrainState, tracker: R
         "diagnostics_initial": diagnostics.initial, "world_size": runtime.world_size,
     }
     save_atomically(payload, output_dir / CHECKPOINT)
+    tracker.log_checkpoint(output_dir / CHECKPOINT, "last")  # a wandb artifact if logger.log_checkpoints asks
     if best:
         save_atomically(payload, output_dir / BEST)
+        tracker.log_checkpoint(output_dir / BEST, "best")
 
 
 def restore(path: Path, parts: StepParts, state: TrainState, diagnostics) -> dict:

@@ -128,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         metavar="M", help="a 'running' job whose files have not changed for "
                         "M minutes is reported as killed (default: %(default)g)")
     parser.add_argument("--no-figures", action="store_true", help="write report.md only")
+    parser.add_argument("--wandb", action="store_true", help="also log the table, claims and "
+                        "figures into one wandb run of the sweep's group (offline unless "
+                        "WANDB_MODE says otherwise; docs/wandb.md)")
     args = parser.parse_args(argv)
     try:
         report = write_report(args.dirs, args.out, stale_s=args.stale_minutes * 60,
@@ -141,4 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finished = sum(job.status == "finished" for job in report.jobs)
     print(f"{report.path}: {len(report.jobs)} job(s), {finished} finished, "
           f"{len(report.layout.cells)} cell(s), {len(report.figures)} figure(s)")
+    if args.wandb:
+        from regdrop.report.wandb import log_report
+
+        print(f"wandb run: {log_report(report, report.path.parent)}")
     return 0
