@@ -326,13 +326,28 @@ def test_cells_report_their_problems_and_only_finished_jobs_count(tmp_path):
     assert report.figures == []
 
 
-def test_steps_to_a_loss_target_use_epoch_means(tmp_path):
-    # Epoch-mean losses 2.0 then 1.0 (steps 0-1, 2-3): loss <= 1.5 after 4 steps.
-    finished_job(tmp_path / "0", ["seed=0"], config_of("standard", 0.5, 0), 0.5, loss=1.0)
-    finished_job(tmp_path / "1", ["seed=1"], config_of("standard", 0.5, 1), 0.5, loss=3.0)
-    layout = build_layout(load_jobs([tmp_path]), TableSpec(loss_target=1.5))
+def test_steps_to_a_loss_target_use_a_moving_mean_of_step_losses(tmp_path):
+    # Step losses 3, 3, 3, 1, 1, 1, 0.2, 0.2 (one epoch of 8 steps): the moving mean of 3
+    # steps is <= 1.5 first after step 5 (mean of steps 3-5 = 1.0; steps 2-4: 1.67), i.e.
+    # after 6 steps. The epoch mean (1.575) never reaches it; a single step does after 4.
+    losses = [3.0, 3.0, 3.0, 1.0, 1.0, 1.0, 0.2, 0.2]
+    records = [{"step": s, "epoch": 1, "train/loss": loss} for s, loss in enumerate(losses)]
+    summary = {"train/loss": 1.575, "test/acc": 0.5, "best/test_acc": 0.5, "epoch": 1}
+    table = {"loss_target": 1.5, "loss_window": 3}
+    write_job(tmp_path / "0", ["seed=0"], config_of("standard", 0.5, 0, table=table),
+              summary=summary, records=records)
+    write_job(tmp_path / "1", ["seed=1"], config_of("standard", 0.5, 1, table=table),
+              summary=summary, records=[{**r, "train/loss": r["train/loss"] + 2} for r in records])
+    spec = TableSpec.from_section(table)
+    layout = build_layout(load_jobs([tmp_path]), spec)
     (cell,) = layout.cells.values()
-    assert sorted(cell.steps_to_loss(1.5), key=str) == [4.0, None]
+    assert sorted(cell.steps_to_loss(1.5, spec.loss_window), key=str) == [6.0, None]
+    assert cell.steps_to_loss(1.5, 1)[0] == 4.0  # one step at a time: after 4 steps
+    assert cell.steps_to_loss(1.5, 9)[0] is None  # a window longer than the run
+    report = write_report([tmp_path], figures=False)
+    assert "steps to train loss ≤ 1.5 (mean of 3 steps)" in report.path.read_text()
+    (data,) = json.loads(report.json_path.read_text())["cells"]
+    assert data["steps_to_loss"]["values"] == [6.0] and data["steps_to_loss"]["never"] == 1
 
 
 def test_sweep_grid_expands_the_command_line_and_sweeper_params(tmp_path):
@@ -485,3 +500,121 @@ def test_a_figure_has_a_panel_only_for_the_columns_with_something_to_draw(tmp_pa
     figures = tmp_path / "sweep" / "figures"
     widths = {name: imread(figures / name).shape[1] for name in ("gdv.png", "test_acc.png")}
     assert widths["test_acc.png"] == 2 * widths["gdv.png"]
+
+
+# -- evidence: report.json, seeds.csv, claims and regime on a real multirun ------------------
+
+
+def test_report_json_csv_claims_and_regime_of_a_real_multirun(sweep, tmp_path):
+    import csv
+
+    from scipy import stats as scipy_stats
+
+    root = tmp_path / "sweep"
+    shutil.copytree(sweep, root)
+    table = {"rows": ["dropout.name"], "baseline": "standard",
+             "regime": {"needs": "underfitting", "max_gap": 1.0},
+             "claims": [{"better": "gyro", "than": "standard", "metric": "best/test_acc",
+                         "paper": "gyro >= dropout"}]}
+    for config in root.rglob(".hydra/config.yaml"):
+        data = yaml.safe_load(config.read_text())
+        data["table"] = table
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main([str(root), "--no-figures"]) == 0
+    data = json.loads((root / "report.json").read_text())
+    cells = {c["row"]: c for c in data["cells"]}
+    summaries = {}
+    for config in root.rglob(".hydra/config.yaml"):
+        job = config.parent.parent
+        summaries[(yaml.safe_load(config.read_text())["dropout"]["name"],
+                   str(yaml.safe_load(config.read_text())["seed"]))] = \
+            json.loads((job / "metrics.json").read_text())
+    for dropout in ("standard", "gyro"):
+        best = [100 * summaries[(dropout, s)]["best/test_acc"] for s in ("0", "1")]
+        got = cells[dropout]["metrics"]["best/test_acc"]
+        assert got["n"] == 2 and sorted(got["values"]) == pytest.approx(sorted(best))
+        half = scipy_stats.t.ppf(0.975, 1) * statistics.stdev(best) / 2 ** 0.5
+        assert got["ci_low"] == pytest.approx(statistics.fmean(best) - half)
+        # Training accuracy as logged: test acc + the summary's gap.
+        train = [100 * (summaries[(dropout, s)]["test/acc"] + summaries[(dropout, s)]["gap/acc"])
+                 for s in ("0", "1")]
+        assert sorted(cells[dropout]["metrics"]["train/acc"]["values"]) == pytest.approx(
+            sorted(train))
+    (claim,) = data["claims"]
+    assert claim["test"] == "paired t (by seed)" and claim["paired_seeds"] == ["0", "1"]
+    gyro = [100 * summaries[("gyro", s)]["best/test_acc"] for s in ("0", "1")]
+    standard = [100 * summaries[("standard", s)]["best/test_acc"] for s in ("0", "1")]
+    assert claim["difference"] == pytest.approx(statistics.fmean(gyro)
+                                                - statistics.fmean(standard))
+    if len({g - s for g, s in zip(gyro, standard, strict=True)}) > 1:
+        assert claim["p_value"] == pytest.approx(scipy_stats.ttest_rel(gyro, standard).pvalue)
+    assert claim["verdict"] in ("held", "contradicted", "inconclusive")
+    (regime,) = data["regime"]
+    assert regime["in_regime"] is True and regime["baseline_gap_percent"]["n"] == 2
+    report = (root / "report.md").read_text()
+    assert "## Claims" in report and "gyro > standard" in report and "paired" in report
+    assert "## Regime: training beside test" in report and "**in the regime**" in report
+    assert "dropout on" in report or "dropout (and every other" in report
+    with open(root / "seeds.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"finished"}
+    for row in rows:
+        summary = summaries[(row["row"], row["seed"])]
+        assert float(row["best/test_acc"]) == summary["best/test_acc"]
+        assert float(row["train/loss"]) == summary["train/loss"]
+
+
+# -- the report survives bad jobs, and a folder it cannot write -------------------------------
+
+
+def test_unreadable_job_files_are_marked_cells_not_an_abort(tmp_path):
+    for seed in (0, 1):
+        for method in ("standard", "gyro"):
+            finished_job(tmp_path / f"{method}{seed}", [f"dropout={method}", f"seed={seed}"],
+                         config_of(method, 0.5, seed), 0.6 + 0.1 * seed)
+    (tmp_path / "gyro1" / ".hydra" / "config.yaml").write_text("seed: 1\ndropout: {name: gy")
+    torn = tmp_path / "standard1" / "metrics.json"
+    torn.write_bytes(torn.read_bytes()[:20])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = report_cli(str(tmp_path), "--no-figures")
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "report.md").read_text()
+    assert "(n=1) — 1 unreadable" in table_line(report, "gyro")
+    assert "(n=1) — 1 unreadable" in table_line(report, "standard")
+    problems = report.split("## Missing, failed, killed or still running", 1)[1]
+    assert "config.yaml unreadable" in problems and "metrics.json unreadable" in problems
+    assert all(p.read_bytes() == data for p, data in before.items())  # nothing rewritten
+    seeds = (tmp_path / "seeds.csv").read_text()
+    assert seeds.count(",unreadable,") == 2
+
+
+def test_a_read_only_sweep_folder_is_one_paragraph_suggesting_out(tmp_path, monkeypatch,
+                                                                    capsys):
+    import errno
+    import tempfile
+
+    root = tmp_path / "sweep"
+    for seed in (0, 1):
+        finished_job(root / str(seed), ["dropout=standard", f"seed={seed}"],
+                     config_of("standard", 0.5, seed), 0.5)
+    (root / "report.md").write_text("an earlier report\n")
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    real = tempfile.NamedTemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):  # noqa: A002 - tempfile's own keyword
+        if dir is not None and Path(dir) == root:
+            raise OSError(errno.EROFS, "Read-only file system", str(root))
+        return real(*args, dir=dir, **kwargs)
+
+    # Tests run as root, for whom chmod does not stop a write: the file system's refusal,
+    # at the report's first write into the folder.
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    assert main([str(root), "--no-figures"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "EROFS" in err and str(root) in err and "--out DIR" in err
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    # The way forward works: --out elsewhere.
+    assert main([str(root), "--no-figures", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "report.json").exists()
+    assert (root / "report.md").read_text() == "an earlier report\n"

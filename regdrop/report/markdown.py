@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from regdrop.report.evidence import ClaimResult, RegimeResult, cell_summary
 from regdrop.report.runs import FINISHED, ExpectedJob, Job
+from regdrop.report.stats import INCONCLUSIVE, PAIRED, TOO_FEW, Summary, describe
 from regdrop.report.table import (
     ACCURACY_METRICS,
     METRICS,
@@ -89,7 +91,7 @@ def cell_table(layout: Layout) -> str:
     cell_keys = " / ".join(layout.row_keys + layout.extra_keys) or "runs"
     if layout.columns != ["all"]:
         cell_keys += f" [{' / '.join(layout.column_keys)}]"
-    header = [cell_keys, "n", metric_header(spec.metric, spec.as_error)]
+    header = [cell_keys, "n", metric_header(spec.metric, spec.as_error), "95% CI"]
     if has_paper:
         header += ["paper", "ours − paper"]
     show_final = spec.metric != "test/acc"
@@ -97,14 +99,18 @@ def cell_table(layout: Layout) -> str:
         header.append(metric_header("test/acc", spec.as_error))
     header += ["final train loss", "train s/epoch", "wall s/epoch"]
     if spec.loss_target is not None:
-        header.append(f"steps to train loss ≤ {spec.loss_target:g}")
-    header.append("seeds")
+        header.append(f"steps to train loss ≤ {spec.loss_target:g} "
+                      f"(mean of {spec.loss_window} steps)")
+    header += ["seeds", "per seed"]
     rows = []
     for cell in layout.ordered_cells():
         ours = metric_stat(layout, cell, spec.metric)
         paper = _paper(layout, cell)
         delta = "" if paper is None or ours.mean is None else f"{ours.mean - paper:+.{digits}f}"
-        line = [cell.label, str(len(cell.finished)), ours.text(digits, with_n=False)]
+        interval = describe([in_unit(v, spec.metric, spec.as_error)
+                             for v in cell.values(spec.metric)])
+        line = [cell.label, str(len(cell.finished)), ours.text(digits, with_n=False),
+                _interval(interval, digits)]
         if has_paper:
             line += ["" if paper is None else f"{paper:g}", delta]
         if show_final:
@@ -113,13 +119,118 @@ def cell_table(layout: Layout) -> str:
                 Stat.of(cell.per_epoch("train_time_s")).text(1, with_n=False),
                 Stat.of(cell.per_epoch("wall_time_s")).text(1, with_n=False)]
         if spec.loss_target is not None:
-            reached = cell.steps_to_loss(spec.loss_target)
+            reached = cell.steps_to_loss(spec.loss_target, spec.loss_window)
             text = Stat.of(reached).text(0, with_n=False)
             never = sum(r is None for r in reached)
             line.append(text + (f" ({never} never)" if never else ""))
         line.append(", ".join(str(job.seed) for job in cell.finished) or "—")
+        line.append(", ".join("—" if v is None else f"{v:.{digits}f}"
+                              for v in interval.values) or "—")
         rows.append(line)
     return markdown_table(header, rows)
+
+
+def _interval(summary: Summary, digits: int) -> str:
+    if summary.ci_low is None:
+        return "—"
+    return f"[{summary.ci_low:.{digits}f}, {summary.ci_high:.{digits}f}]"
+
+
+def _mean_sd(summary: Summary, digits: int) -> str:
+    if summary.mean is None:
+        return "—"
+    sd = "" if summary.sd is None else f" ± {summary.sd:.{digits}f}"
+    return f"{summary.mean:.{digits}f}{sd}"
+
+
+def regime_table(layout: Layout) -> str:
+    """Every row: the final training loss and accuracy beside the test loss and accuracy,
+    and the gap (train acc. - test acc.), mean ± sd over the finished seeds."""
+    cell_keys = " / ".join(layout.row_keys + layout.extra_keys) or "runs"
+    if layout.columns != ["all"]:
+        cell_keys += f" [{' / '.join(layout.column_keys)}]"
+    header = [cell_keys, "n", "final train loss", "final test loss", "final train acc. (%)",
+              "final test acc. (%)", "train − test acc. (points)"]
+    rows = []
+    for cell in layout.ordered_cells():
+        label = cell.label + (" (baseline)" if cell.row == layout.spec.baseline else "")
+        rows.append([label, str(len(cell.finished)),
+                     _mean_sd(cell_summary(cell, "train/loss"), 4),
+                     _mean_sd(cell_summary(cell, "test/loss"), 4),
+                     _mean_sd(cell_summary(cell, "train/acc"), 2),
+                     _mean_sd(cell_summary(cell, "test/acc"), 2),
+                     _mean_sd(cell_summary(cell, "gap/acc"), 2)])
+    return markdown_table(header, rows)
+
+
+def regime_lines(layout: Layout, regimes: Sequence[RegimeResult]) -> list[str]:
+    spec = layout.spec
+    if not regimes:
+        return ["The table section names no regime for its claims."
+                + ("" if spec.baseline else " It names no baseline row either.")]
+    lines = []
+    for result in regimes:
+        where = "" if result.column == "all" else f" in column `{result.column}`"
+        threshold = 100 * result.regime.gap
+        side = "above" if result.regime.needs == "overfitting" else "below"
+        if result.holds is None:
+            found = "the baseline has no finished run there: cannot tell"
+        else:
+            found = (f"the baseline's gap is {_mean_sd(result.gap, 2)} points "
+                     f"(n={result.gap.n}, 95% CI {_interval(result.gap, 2)}): "
+                     + ("**in the regime**" if result.holds else "**not in the regime**"))
+        lines.append(f"- {result.regime.needs}{where} (the mean gap of `{spec.baseline}` "
+                     f"{side} {threshold:g} points): {found}.")
+    return lines
+
+
+def claims_table(results: Sequence[ClaimResult]) -> str:
+    header = ["claim", "paper", "metric", "better − than", "95% CI", "p", "test", "n",
+              "verdict"]
+    rows = []
+    for result in results:
+        claim, comparison = result.claim, result.comparison
+        digits = 2 if claim.metric in ACCURACY_METRICS else 4
+        where = "" if result.column == "all" else f" [{result.column}]"
+        sign = ">" if claim.higher_is_better else "<"
+        text = comparison.verdict
+        if comparison.verdict == INCONCLUSIVE and comparison.detectable is not None:
+            text += (f" (detectable at 80% power: {comparison.detectable:.{digits}f}"
+                     f"{' points' if claim.metric in ACCURACY_METRICS else ''})")
+        if comparison.verdict == TOO_FEW:
+            text += f" ({result.why_not_paired or 'fewer than 2 seeds in a row'})"
+        n = (f"{comparison.n_better} pairs" if comparison.test == PAIRED
+             else f"{comparison.n_better} vs {comparison.n_than}")
+        rows.append([
+            f"{claim.better} {sign} {claim.than}{where}", claim.paper or "",
+            f"`{claim.metric}`",
+            "—" if comparison.difference is None else f"{comparison.difference:+.{digits}f}",
+            _interval(Summary(0, None, None, comparison.ci_low, comparison.ci_high, ()),
+                      digits),
+            "—" if comparison.p_value is None else f"{comparison.p_value:.3g}",
+            comparison.test, n, text])
+    return markdown_table(header, rows, align=["l", "l", "l", "r", "r", "r", "l", "r", "l"])
+
+
+def claims_lines(results: Sequence[ClaimResult]) -> list[str]:
+    if not results:
+        return ["The table section states no claim."]
+    lines = [
+        "Each claim: the difference of the two rows' means (better − than; accuracies in "
+        "percentage points), its 95% confidence interval and the two-sided p-value. The "
+        "test is paired by seed where every seed of both rows finished: the same seed gives "
+        "the same initial weights and the same data order here, so a pair differs only by "
+        "the method; otherwise Welch's t test. Verdict from the interval alone: **held** "
+        "(it excludes 0 in the paper's direction), **contradicted** (it excludes 0 the "
+        "other way), **inconclusive** (it contains 0; the smallest difference these seeds "
+        "could detect with 80% power at alpha 0.05 is given).",
+        "",
+        claims_table(results),
+        ""]
+    unpaired = [r for r in results if r.why_not_paired and r.comparison.n_better]
+    lines += [f"- `{r.claim.better}` vs `{r.claim.than}`: Welch, {r.why_not_paired}."
+              for r in unpaired]
+    return lines
 
 
 def _missing_row(label: str, expected: ExpectedJob, out: Path) -> list[str]:
@@ -152,7 +263,8 @@ def problem_table(layout: Layout, missing: Sequence[ExpectedJob], out: Path) -> 
 
 def render(layout: Layout, jobs: Sequence[Job], missing: Sequence[ExpectedJob],
            roots: Sequence[Path], out: Path, figures: Sequence[tuple[str, Path]],
-           notes: Sequence[str]) -> str:
+           notes: Sequence[str], claims: Sequence[ClaimResult] = (),
+           regimes: Sequence[RegimeResult] = (), made: str | None = None) -> str:
     """The whole ``report.md``."""
     spec = layout.spec
     counts: dict[str, int] = {}
@@ -169,7 +281,8 @@ def render(layout: Layout, jobs: Sequence[Job], missing: Sequence[ExpectedJob],
         f"Read from {sources}: {len(jobs)} job(s), {status_text}"
         + (f"; {n_missing} job(s) the sweeps launch have no folder" if n_missing else "")
         + ".",
-        f"Made by `regdrop-report` on {datetime.now().strftime('%Y-%m-%d %H:%M')}.",
+        f"Made by `regdrop-report` on {made or datetime.now().strftime('%Y-%m-%d %H:%M')}. "
+        "Every number below is in `report.json`, every job's in `seeds.csv`.",
         "",
         "## Table",
         "",
@@ -181,6 +294,20 @@ def render(layout: Layout, jobs: Sequence[Job], missing: Sequence[ExpectedJob],
         "",
         main_table(layout),
         "",
+        "## Claims",
+        "",
+        *claims_lines(claims),
+        "",
+        "## Regime: training beside test",
+        "",
+        "Final training loss and accuracy are the last epoch's means over its steps, "
+        "measured as logged: with dropout (and every other training-time method) on. Test "
+        "numbers are the final evaluation. Mean ± sd over the finished seeds.",
+        "",
+        regime_table(layout),
+        "",
+        *regime_lines(layout, regimes),
+        "",
     ]
     if layout.extra_keys:
         lines += [f"The rows also split by {', '.join(f'`{k}`' for k in layout.extra_keys)}: "
@@ -188,6 +315,7 @@ def render(layout: Layout, jobs: Sequence[Job], missing: Sequence[ExpectedJob],
     lines += [
         "## Every cell",
         "",
+        "95% CI: mean ± t(0.975, n − 1) · sd / √n, the Student t interval of the mean. "
         "Final train loss: `train/loss` of metrics.json, the mean over the last epoch. "
         "Train s/epoch: time in training steps per epoch; wall s/epoch: the whole run's "
         "wall-clock (evaluation included) per epoch.",

@@ -34,6 +34,7 @@ FAILED_EARLY = "failed before training"
 PREEMPTED = "preempted"
 DIVERGED = "diverged"
 INTERRUPTED = "interrupted"
+UNREADABLE = "unreadable"  # a file of the job folder is torn or garbage: named in the detail
 # What run.json says; any other word it holds is reported as it is.
 RUN_STATUSES = (RUNNING, FINISHED, FAILED, PREEMPTED, DIVERGED, INTERRUPTED)
 
@@ -201,7 +202,7 @@ def _read_json(path: Path) -> tuple[Any, str]:
         return None, ""
     try:
         return json.loads(path.read_text(encoding="utf-8")), ""
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: bad JSON, bad UTF-8
         return None, f"{path.name} unreadable ({err.__class__.__name__})"
 
 
@@ -298,32 +299,65 @@ def job_status(job: Job, *, stale_s: float = DEFAULT_STALE_S, now: float | None 
                           "config value, say; the sweep's console output has the error)")
 
 
+def _unreadable(path: Path, err: Exception) -> str:
+    return f"{path.name} unreadable ({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+
+
 def load_job(path: Path, *, stale_s: float = DEFAULT_STALE_S) -> Job:
-    """Read the job folder ``path`` (the folder that holds ``.hydra``)."""
+    """Read the job folder ``path`` (the folder that holds ``.hydra``).
+
+    A torn or garbage ``.hydra/config.yaml`` or ``metrics.json`` makes the job
+    ``unreadable`` with the file and the error in its detail (its overrides, when they can
+    be read, still place it in its cell); nothing here raises for a damaged file.
+    """
     hydra_dir = path / ".hydra"
-    config = OmegaConf.load(hydra_dir / "config.yaml")
+    notes = []
+    try:
+        config = OmegaConf.load(hydra_dir / "config.yaml")
+        if not isinstance(config, DictConfig):
+            raise ValueError("not a mapping")
+        config_error = ""
+    except Exception as err:  # noqa: BLE001 - any damage is reported, never raised
+        config, config_error = OmegaConf.create({}), _unreadable(hydra_dir / "config.yaml", err)
     choices: dict[str, str | None] = {}
     hydra_file = hydra_dir / "hydra.yaml"
     if hydra_file.exists():
-        found = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices")
-        if found is not None:
-            choices = {str(k): v for k, v in OmegaConf.to_container(found).items()
-                       if not str(k).startswith("hydra/")}
-    job = Job(path=path, config=config, overrides=_read_overrides(hydra_dir / "overrides.yaml"),
-              choices=choices)
-    notes = []
-    summary, note = _read_json(path / "metrics.json")
+        try:
+            found = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices")
+            if found is not None:
+                choices = {str(k): v for k, v in OmegaConf.to_container(found).items()
+                           if not str(k).startswith("hydra/")}
+        except Exception as err:  # noqa: BLE001
+            notes.append(_unreadable(hydra_file, err))
+    try:
+        overrides = _read_overrides(hydra_dir / "overrides.yaml")
+    except Exception as err:  # noqa: BLE001
+        overrides = {}
+        notes.append(_unreadable(hydra_dir / "overrides.yaml", err))
+    job = Job(path=path, config=config, overrides=overrides, choices=choices)
+    summary, summary_error = _read_json(path / "metrics.json")
     job.summary = summary if isinstance(summary, dict) else None
-    notes.append(note)
+    if summary is not None and job.summary is None and not summary_error:
+        summary_error = "metrics.json unreadable (not a JSON object)"
     if (path / "metrics.jsonl").exists():
-        job.train, job.evals, bad = read_metrics_log(path / "metrics.jsonl")
-        job.diagnostics = read_diagnostics(path / "metrics.jsonl")
+        try:
+            job.train, job.evals, bad = read_metrics_log(path / "metrics.jsonl")
+            job.diagnostics = read_diagnostics(path / "metrics.jsonl")
+        except OSError as err:
+            bad = 0
+            notes.append(_unreadable(path / "metrics.jsonl", err))
         if bad:
             notes.append(f"{bad} unreadable line(s) in metrics.jsonl")
     run_info, note = _read_json(path / "run.json")
     job.run_info = run_info if isinstance(run_info, dict) else None
     notes.append(note)
-    job.status, detail = job_status(job, stale_s=stale_s)
+    damaged = [e for e in (config_error, summary_error) if e]
+    if damaged:
+        job.status = UNREADABLE
+        detail = ("; ".join(damaged) + ": the job is not counted; delete or repair the file, "
+                  "or run the job again (trainer.rerun=true)")
+    else:
+        job.status, detail = job_status(job, stale_s=stale_s)
     job.detail = "; ".join(n for n in (detail, *notes) if n)
     return job
 

@@ -399,25 +399,56 @@ class Cell:
             out.append(seconds / epochs if seconds is not None and epochs else None)
         return out
 
-    def steps_to_loss(self, target: float) -> list[float | None]:
-        """Per seed: optimizer steps until an epoch's mean training loss first is <= target
-        (None when it never is). Epoch means, not single steps: one lucky batch is not
-        reaching a loss."""
-        out: list[float | None] = []
-        for job in self.finished:
-            by_epoch: dict[Any, list[tuple[int, float]]] = {}
-            for record in job.train:
-                loss = finite(record.get("train/loss"))
-                if loss is not None:
-                    by_epoch.setdefault(record.get("epoch"), []).append((record["step"], loss))
-            reached = None
-            for epoch in sorted(by_epoch, key=lambda e: min(s for s, _ in by_epoch[e])):
-                steps = by_epoch[epoch]
-                if statistics.fmean(loss for _, loss in steps) <= target:
-                    reached = float(max(s for s, _ in steps) + 1)
-                    break
-            out.append(reached)
-        return out
+    @property
+    def complete(self) -> bool:
+        """Every job of the cell finished (none failed, killed, running or missing)."""
+        return not self.unfinished and not self.missing and bool(self.finished)
+
+    def by_seed(self, key: str) -> dict[str, float | None]:
+        """The finished jobs' ``key`` keyed by seed (as text)."""
+        return {format_value(job.seed): finite(job.summary.get(key)) for job in self.finished}
+
+    def train_acc(self) -> list[float | None]:
+        """Per seed: the final training accuracy (`final_train_acc`)."""
+        return [final_train_acc(job) for job in self.finished]
+
+    def steps_to_loss(self, target: float, window: int = DEFAULT_LOSS_WINDOW) -> list[float | None]:
+        """Per seed: the optimizer steps until the moving mean of the last ``window`` step
+        losses (metrics.jsonl, one record per step) first is <= target (None when it never
+        is). A moving mean, not single steps: one lucky batch is not reaching a loss."""
+        return [steps_to_loss(job.train, target, window) for job in self.finished]
+
+
+def final_train_acc(job: Job) -> float | None:
+    """The run's final training accuracy: the last epoch's mean over its steps, measured as
+    logged (dropout on). From metrics.json (``test/acc + gap/acc``), else from the last
+    evaluation record's ``train/epoch_acc``."""
+    summary = job.summary or {}
+    test, gap = finite(summary.get("test/acc")), finite(summary.get("gap/acc"))
+    if test is not None and gap is not None:
+        return test + gap
+    for record in reversed(job.evals):
+        if (acc := finite(record.get("train/epoch_acc"))) is not None:
+            return acc
+    return None
+
+
+def steps_to_loss(records: Sequence[Mapping[str, Any]], target: float,
+                  window: int = DEFAULT_LOSS_WINDOW) -> float | None:
+    """Optimizer steps (a step record's ``step`` + 1) until the mean of the last ``window``
+    step records' ``train/loss`` first is <= ``target``; None when it never is (or the run
+    has fewer than ``window`` steps)."""
+    recent: list[float] = []
+    for record in sorted(records, key=lambda r: r["step"]):
+        loss = finite(record.get("train/loss"))
+        if loss is None:
+            continue
+        recent.append(loss)
+        if len(recent) > window:
+            recent.pop(0)
+        if len(recent) == window and statistics.fmean(recent) <= target:
+            return float(record["step"] + 1)
+    return None
 
 
 @dataclass
@@ -523,6 +554,25 @@ def place_missing(layout: Layout, missing: Sequence[ExpectedJob]) -> list[Expect
         else:
             cell.missing.append(expected)
     _order(layout)
+    return unplaced
+
+
+def place_jobs(layout: Layout, jobs: Sequence[Job]) -> list[Job]:
+    """Put each job whose config could not be read into the cell of a job with the same
+    overrides but the seed (it is then named there, not counted). Returns the ones that
+    match no cell."""
+    def comparable(overrides: Mapping[str, str]) -> dict[str, str]:
+        return {k: v for k, v in result_overrides(overrides).items() if k != "seed"}
+
+    unplaced = []
+    for job in jobs:
+        wanted = comparable(job.overrides)
+        cell = next((c for c in layout.cells.values()
+                     if any(comparable(other.overrides) == wanted for other in c.jobs)), None)
+        if cell is None or not job.overrides:
+            unplaced.append(job)
+        else:
+            cell.jobs.append(job)
     return unplaced
 
 
