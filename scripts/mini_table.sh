@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One mini table of docs/results/, end to end: its whole grid (3 seeds), then its report
-# (report.md, figures/) and run_info.txt (the command, machine, versions, date, wall time).
+# (report.md, report.json, seeds.csv, figures/) and run_info.txt (the command, machine,
+# versions, date, wall time, git commit, the experiment file's sha256). When the experiment
+# file changed since the report in --out was made, that report is kept: moved to
+# --out/history/<date>-<first 8 hex of its experiment file's sha256>/ first.
 #
 #   bash scripts/mini_table.sh TABLE [--dry-run] [--runs DIR] [--out DIR] [OVERRIDE ...]
 #
@@ -19,7 +22,7 @@ SEEDS=${SEEDS:-0,1,2}
 TABLES="gyro multisample stochastic_depth early_dropout dropout_variants"
 
 usage() {
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -55,6 +58,30 @@ if $dry_run; then
     exit 0
 fi
 
+experiment_file=conf/experiment/mini_$table.yaml
+experiment_hash=$(sha256sum "$experiment_file" | cut -d' ' -f1)
+
+# Every run disclosed: a report of another setting of this table goes to history/, whole.
+if [ -f "$out/report.md" ]; then
+    previous=$(sed -n 's/^experiment file sha256: //p' "$out/run_info.txt" 2>/dev/null || true)
+    if [ "$previous" != "$experiment_hash" ]; then
+        made=$(sed -n 's/^date: \([0-9-]*\).*/\1/p' "$out/run_info.txt" 2>/dev/null || true)
+        keep="$out/history/${made:-$(date -u +%Y-%m-%d)}-${previous:0:8}"
+        [ -n "$previous" ] || keep="$out/history/${made:-$(date -u +%Y-%m-%d)}-unknown"
+        mkdir -p "$keep"
+        for item in report.md report.json seeds.csv figures run_info.txt; do
+            if [ -e "$out/$item" ]; then
+                if [ -e "$keep/$item" ]; then
+                    rm -r "${out:?}/$item"  # kept there already (the same setting)
+                else
+                    mv "$out/$item" "$keep/$item"
+                fi
+            fi
+        done
+        echo "mini_table.sh: the report of the earlier setting is kept in $keep" >&2
+    fi
+fi
+
 start=$(date +%s)
 status=0
 "${command[@]}" || status=$?  # failed jobs are named in the report; the others still count
@@ -69,6 +96,9 @@ machine=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1)
     echo "versions: $("$PYTHON" -c 'import platform, torch, torchvision; print(f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}")')"
     echo "wall time of the sweep: ${elapsed} s (jobs an earlier call finished are skipped, not counted)"
     echo "exit status of the sweep: $status"
+    echo "git commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- "$experiment_file" 2>/dev/null || echo ' (the experiment file differs from it)')"
+    echo "experiment file: $experiment_file"
+    echo "experiment file sha256: $experiment_hash"
 } > "$out/run_info.txt"
 cat "$out/run_info.txt"
 exit $status
