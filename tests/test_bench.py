@@ -1,8 +1,9 @@
 """The benchmark (`python -m regdrop.bench`) runs at its tiny size and writes what it says.
 
 Timings are never asserted (the machine is shared); what is checked is that every section
-runs, that the JSON and Markdown hold the comparisons, ratios and targets, and that the
-whole-step candidates are real `regdrop.train.train_step` calls.
+runs, that the JSON and Markdown hold the comparisons, ratios and targets, that the
+whole-step candidates are real `regdrop.train.train_step` calls, and (with a fake clock)
+that a target's verdict follows the interval of its paired ratios, not its point value.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 import regdrop.train
 from regdrop.bench.cli import SECTIONS, main
+from regdrop.bench.report import Comparison, Results, Target
 from regdrop.bench.steps import ModelCase, step_comparisons
 from regdrop.bench.timing import Candidate, measure
 from regdrop.methods.gyro import GyroDropout
@@ -45,6 +47,8 @@ def test_tiny_run_writes_json_and_markdown_with_every_section(tmp_path, capsys):
     for row in report["ratios"]:
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0
         assert row["ratio"] == pytest.approx(row["candidate_ms"] / row["reference_ms"])
+        low, high = row["paired_interval"]
+        assert low <= row["paired_ratio"] <= high
     # The ResNet-50 case compares regdrop's stochastic depth with the plain network.
     assert any(r["case"].startswith("resnet50") and r["candidate"] == "regdrop block"
                for r in report["ratios"])
@@ -60,6 +64,9 @@ def test_tiny_run_writes_json_and_markdown_with_every_section(tmp_path, capsys):
         assert fashion["steps"] == 8 and 0 <= fashion["wait_fraction"] <= 1
 
     names = [t["name"] for t in report["targets"]]
+    assert {t["verdict"] for t in report["targets"]} <= {"met", "missed", "unresolved", "not measured"}
+    assert all(t["interval"] is not None for t in report["targets"]
+               if t["name"].startswith("framework") and t["measured"] is not None)
     assert any(n.startswith("framework overhead") for n in names)
     assert any("torch.compile" in n for n in names)
     assert report["context"]["command"].startswith("python -m regdrop.bench --size tiny")
@@ -68,7 +75,7 @@ def test_tiny_run_writes_json_and_markdown_with_every_section(tmp_path, capsys):
 
     for text in (markdown, printed):
         assert "| steps | lenet" in text and "| none | bare loop |" in text
-        assert "| target | measured | limit | verdict |" in text
+        assert "| target | measured [95% interval] | limit | verdict |" in text
     assert "torch " + torch.__version__ in markdown
 
 
@@ -116,3 +123,64 @@ def test_bad_arguments_are_refused(capsys):
             main(argv)
         assert err.value.code == 2
     assert ", ".join(SECTIONS) in capsys.readouterr().err
+
+
+class FakeClock:
+    """A clock that only the candidates move: each unit of work adds its set duration."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def work(self, durations: list[float]):
+        """A unit of work whose k-th call takes ``durations[k % len]`` seconds."""
+        calls = iter(range(10**6))
+        return lambda: setattr(self, "now", self.now + durations[next(calls) % len(durations)])
+
+
+def timed_target(candidate_s: list[float], reference_s: list[float], limit: float, at_most: bool = True) -> Target:
+    """The target a benchmark run makes of a candidate and a reference timed with these
+    per-call durations (11 rounds, interleaved, through `measure`)."""
+    clock = FakeClock()
+    candidates = [Candidate("candidate", clock.work(candidate_s)), Candidate("reference", clock.work(reference_s))]
+    timings = measure(candidates, repeats=11, warmup=0, min_time_s=0.0, clock=clock)
+    results = Results(comparisons=[Comparison("steps", "case", dict(zip(["candidate", "reference"], timings, strict=True)),
+                                              [("candidate", "reference")])])
+    return Target("t", **results.paired("steps", "case", "candidate", "reference"), limit=limit, at_most=at_most)
+
+
+# Per-call durations: the first call sizes the measurement, the next 11 are the rounds.
+STEADY = [1.0] * 12
+NOISY = [1.0, 0.7, 1.3, 0.8, 1.2, 0.75, 1.25, 0.9, 1.1, 0.85, 1.15, 1.0]  # +-30% around 1
+
+
+@pytest.mark.parametrize("candidate_s, limit, at_most, verdict", [
+    ([0.9 * d for d in STEADY], 1.03, True, "met"),            # 0.9, wholly below 1.03
+    ([1.1 * d for d in STEADY], 1.03, True, "missed"),         # 1.1, wholly above
+    (NOISY, 1.03, True, "unresolved"),                         # median 1.0, interval over 1.03
+    ([2.5 * d for d in STEADY], 2.0, False, "met"),            # an at-least target
+    (NOISY, 0.95, False, "unresolved"),
+    ([0.5 * d for d in STEADY], 0.85, False, "missed"),
+])
+def test_a_timed_target_is_decided_by_the_interval_of_its_paired_ratios(candidate_s, limit, at_most, verdict):
+    target = timed_target(candidate_s, STEADY, limit, at_most)
+    low, high = target.interval
+    assert low <= target.measured <= high
+    assert target.verdict() == verdict, (target.measured, target.interval)
+    assert target.met is {"met": True, "missed": False}.get(verdict)
+
+
+def test_the_point_value_alone_does_not_decide_a_noisy_target():
+    """The median ratio of the noisy candidate is below the limit (met by the point value),
+    but its interval reaches above it: unresolved, and the JSON and Markdown say so."""
+    target = timed_target(NOISY, STEADY, 1.05)
+    assert target.measured <= 1.05 < target.interval[1]
+    assert target.verdict() == "unresolved"
+    row = target.as_dict()
+    assert row["verdict"] == "unresolved" and row["met"] is None and row["interval"] == list(target.interval)
+    from regdrop.bench.report import targets_table
+
+    line = targets_table([target]).splitlines()[-1]
+    assert f"[{target.interval[0]:.3f}, {target.interval[1]:.3f}]" in line and line.endswith("| unresolved |")
