@@ -154,3 +154,46 @@ def test_every_table_has_its_committed_report_linked_from_both_readmes():
         assert f"({table}/report.md)" in index, table
     shown = set(re.findall(r"mini_table\.sh (\w+)", readme + index)) - {"TABLE"}
     assert shown and shown <= set(TABLES), shown
+
+
+NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?:\.\d+)?(?![\w])")
+
+
+def test_every_number_of_the_results_pages_is_in_a_committed_report():
+    """Generated, not typed: every number in a table's section of docs/results/README.md
+    appears in one of the committed reports (report.md, report.json, run_info.txt,
+    committed.txt) that section links; every number in the README's "Results at mini
+    scale" lines appears in a report of its table. Dates, commits and counts in the
+    section headings and links are of the linked files too."""
+    results = ROOT / "docs" / "results"
+    index = (results / "README.md").read_text()
+    sections = re.split(r"^## ", index, flags=re.M)
+    checked = 0
+    for section in sections:
+        links = re.findall(r"\]\(([a-z_]+/(?:history/[\w-]+/)?report\.(?:md|json))\)", section)
+        if not links:
+            continue
+        sources = ""
+        for link in links:
+            folder = (results / link).parent
+            sources += "".join(p.read_text() for p in folder.glob("*")
+                               if p.name in ("report.md", "report.json", "run_info.txt",
+                                             "committed.txt"))
+        body = re.sub(r"\]\([^)]*\)", "]", section)  # link targets are file names
+        body = re.sub(r"mini_\w+\.yaml|commit [0-9a-f]{7}", "", body)
+        for number in NUMBER.findall(body):
+            assert number in sources or number.replace(",", "") in sources, \
+                (section.splitlines()[0], number)
+            checked += 1
+    assert checked > 100
+    readme = (ROOT / "README.md").read_text()
+    lines = readme.split("### Results at mini scale", 1)[1].split("\n## ", 1)[0]
+    for item in re.findall(r"^- \[.*?(?=^- \[|\Z)", lines, flags=re.M | re.S):
+        table = re.search(r"docs/results/(\w+)/report\.md", item).group(1)
+        sources = "".join(p.read_text() for p in (results / table).rglob("*")
+                          if p.suffix in (".md", ".json", ".txt"))
+        body = re.sub(r"\]\([^)]*\)", "]", item)
+        for number in NUMBER.findall(body):
+            assert number in sources or number.replace(",", "") in sources, (table, number)
+    assert "reproduced" not in lines.replace("No claim is reproduced or refuted", "")
+    assert not re.search(r"\*\*(held|not held|reproduced)\*\*", index, flags=re.I)
