@@ -98,10 +98,12 @@ class Sweep:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Sweep:
-    """The 2x2 multirun, made once for every test process (a file lock across xdist
-    workers), then one job resumed: its metrics.json removed, the same command again."""
-    shared = tmp_path_factory.getbasetemp().parent
+def sweep(tmp_path_factory, worker_id) -> Sweep:
+    """The 2x2 multirun, made once per test session (a file lock across xdist workers),
+    then one job resumed: its metrics.json removed, the same command again."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # each xdist worker has a folder of its own below the session's
+        shared = shared.parent
     root = shared / "wandb-sweep"
     with FileLock(str(shared / "wandb-sweep.lock")):
         done = root / "done.json"
@@ -212,3 +214,26 @@ def test_a_bad_log_checkpoints_value_is_a_config_error_naming_the_key(make_confi
     with pytest.raises(ConfigError) as caught:
         validate(make_config("logger=wandb", *overrides))
     assert caught.value.key == key
+
+
+@pytest.mark.parametrize("experiment, kind", [("mini_gyro", "mini"), ("gyro_sigma_tau", "paper")])
+def test_an_experiments_runs_are_tagged_with_it_and_its_kind_of_table(tmp_path, experiment, kind):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from regdrop.wandb_log import run_labels
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}", "logger=wandb"],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path)
+        labels = run_labels(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert {experiment, kind, cfg.dropout.name, cfg.model.name, cfg.data.name} <= set(labels.tags)
+    assert ({"mini", "paper"} - {kind}).isdisjoint(labels.tags)
