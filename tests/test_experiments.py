@@ -361,6 +361,36 @@ def test_every_job_of_every_sweep_is_valid_but_the_papers_empty_cells(experiment
     assert refused == PAPER[experiment].get("refused", [])
 
 
+# -- the mini tables: in the regime of their claim ------------------------------------------
+# (Their jobs compose, validate and train at smoke size in test_mini_tables.py.)
+
+MINI = sorted(p.stem for p in (CONF / "experiment").glob("mini_*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", MINI)
+def test_a_mini_table_has_a_baseline_a_regime_claims_on_its_own_rows_and_five_seeds(experiment, tmp_path):
+    """Every claim and the baseline name a row (and column) the sweep fills, every setting
+    (column) with a regime has the baseline row, and each row runs with at least 5 seeds,
+    the seed swept first so that the rows alternate in time."""
+    cfg, params = compose_job([f"experiment={experiment}"], tmp_path)
+    assert list(params)[0] == "seed" and len(params["seed"].split(",")) >= 5
+    spec = TableSpec.from_section(cfg.table)
+    cells = set()
+    for job in sweep_jobs({k: v for k, v in params.items() if k != "seed"}):
+        job_cfg, _ = compose_job([f"experiment={experiment}", *job], tmp_path)
+        label = " / ".join(str(v) for k in spec.rows if (v := OmegaConf.select(job_cfg, k)) is not None)
+        column = " / ".join(str(OmegaConf.select(job_cfg, k)) for k in spec.columns) or None
+        cells.add((label, column))
+    rows = {label for label, _ in cells}
+    assert spec.baseline in rows and spec.regime and spec.claims
+    for regime in spec.regime:
+        assert regime.needs in ("overfitting", "underfitting")
+        assert (spec.baseline, regime.column) in cells, regime
+    for claim in spec.claims:
+        assert claim.paper and claim.better != claim.than
+        assert {(claim.better, claim.column), (claim.than, claim.column)} <= cells, claim
+
+
 # -- every experiment file trains, at smoke size ------------------------------------------
 
 SMOKE = ["data=synthetic", "data.image_size=16", "data.num_train=64", "data.num_test=32", "data.batch_size=16",
