@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -19,6 +20,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,43 @@ def test_every_number_of_the_results_pages_is_in_a_committed_report():
             assert number in sources or number.replace(",", "") in sources, (table, number)
     assert "reproduced" not in lines.replace("No claim is reproduced or refuted", "")
     assert not re.search(r"\*\*(held|not held|reproduced)\*\*", index, flags=re.I)
+
+
+def test_a_rerun_with_another_setting_keeps_the_earlier_report_in_history(tmp_path):
+    """mini_table.sh moves the report of an earlier setting (another sha256 of the
+    experiment file in run_info.txt) to history/<date>-<hash>/ before writing the new one,
+    and records the commit and the hash. The sweep
+    itself is stood in for (its jobs are written here): training is not what is tested."""
+    from tests.test_report import config_of, finished_job
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for seed in (0, 1):
+        finished_job(runs / str(seed), ["dropout=standard", f"seed={seed}"],
+                     config_of("standard", 0.5, seed), 0.5 + 0.1 * seed)
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\n[ "$1" = train.py ] && exit 0\n'  # the sweep: done above
+                    f'[ "$1" = -c ] && echo "the versions" && exit 0\n'  # no torch import
+                    f'exec {sys.executable} "$@"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub)}
+
+    def run() -> None:
+        result = subprocess.run(["bash", str(SCRIPT), "gyro", "--runs", str(runs), "--out",
+                                 str(out)], capture_output=True, text=True, cwd=ROOT, env=env)
+        assert result.returncode == 0, result.stderr
+
+    run()
+    info = (out / "run_info.txt").read_text()
+    digest = hashlib.sha256((CONF / "experiment" / "mini_gyro.yaml").read_bytes()).hexdigest()
+    assert f"experiment file sha256: {digest}" in info and "git commit: " in info
+    assert (out / "report.json").exists() and (out / "seeds.csv").exists()
+    # Another setting made the report there: it is kept whole.
+    (out / "run_info.txt").write_text(info.replace(digest, "0" * 64))
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    run()
+    (kept,) = (out / "history").iterdir()
+    assert kept.name.endswith("-00000000") and re.match(r"\d{4}-\d\d-\d\d-", kept.name)
+    assert {p.name: p.read_bytes() for p in kept.iterdir() if p.is_file()} == earlier
+    assert (kept / "figures" / "test_acc.png").exists()
+    assert digest in (out / "run_info.txt").read_text()
+    assert (out / "report.md").exists()
