@@ -9,14 +9,20 @@ wandb run id, so a resumed run continues exactly where it stopped.
 
 Checkpoints are written atomically: to a temporary file, flushed and fsync'ed, then
 renamed over the old one (and the folder fsync'ed), so a run killed at any moment leaves
-either the old checkpoint or the new one, never a torn file.
+either the old checkpoint or the new one, never a torn file. The one before the last is
+kept as ``checkpoint.prev.pt`` (rotated by a hard link, so some checkpoint is always in
+place): a latest one damaged on the disk costs one checkpoint interval, not the run
+(``trainer.resume=<run folder>/checkpoint.prev.pt``). A file that cannot be read back as a
+regdrop checkpoint is a `RunFileError` naming it, never a traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import random
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from regdrop.tracking import StepValues
+from regdrop.errors import RunFileError, read_error
+from regdrop.preemption import critical_section
+from regdrop.tracking import StepValues, write_atomically
 
 CHECKPOINT = "checkpoint.pt"  # the last one, in the run folder
+PREVIOUS = "checkpoint.prev.pt"  # the one before it (a damaged latest one costs one interval)
+REQUIRED = ("config_hash", "model", "optimizer", "state", "rng")  # what makes a regdrop checkpoint
 BEST = "best.pt"  # the one with the best test accuracy (trainer.keep_best)
 
 
@@ -106,23 +116,63 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomically(payload: dict[str, Any], path: Path) -> Path:
-    """``torch.save`` to ``path`` through a temporary file: write, flush, fsync, rename."""
+def save_atomically(payload: dict[str, Any], path: Path, keep_previous: bool = False) -> Path:
+    """``torch.save`` to ``path`` through a temporary file: write, flush, fsync, rename.
+
+    ``keep_previous``: the checkpoint in place first becomes ``checkpoint.prev.pt`` (a hard
+    link renamed into place, so ``path`` exists at every moment). A second Ctrl-C waits
+    for the write (`critical_section`); a failed write leaves no temporary file behind.
+    """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a crash
-    finally:
-        os.close(folder)
+    with critical_section():
+        if keep_previous and path.exists():
+            _link_atomically(path, path.with_name(PREVIOUS))
+        write_atomically(path, lambda f: torch.save(payload, f))
     return path
 
 
+def _link_atomically(source: Path, target: Path) -> None:
+    """``target`` becomes another name of ``source`` (a copy where hard links are refused)."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:  # a file system without hard links: copy instead
+        import shutil
+
+        try:
+            shutil.copyfile(source, temporary)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+    os.replace(temporary, target)
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by `save_atomically` (on the CPU; the caller moves state)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint written by `save_atomically` (on the CPU; the caller moves state).
+
+    A file that is truncated, garbage or not a regdrop checkpoint is a `RunFileError` that
+    names it and the ways forward (the previous checkpoint beside it when there is one)."""
+    path = Path(path)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError,
+            UnicodeDecodeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise damaged_checkpoint(path, f"cannot be read as a checkpoint ({read_error(err)}): "
+                                       "truncated or overwritten") from None
+    missing = [key for key in REQUIRED if key not in saved] if isinstance(saved, dict) else list(REQUIRED)
+    if missing:
+        raise damaged_checkpoint(path, f"is not a regdrop checkpoint (it lacks {', '.join(missing)})")
+    return saved
+
+
+def damaged_checkpoint(path: Path, problem: str) -> RunFileError:
+    """The error for a checkpoint that cannot be used, with every way forward."""
+    ways = []
+    previous = path.with_name(PREVIOUS)
+    if path.name != PREVIOUS and previous.is_file():
+        ways.append(f"resume from the previous checkpoint (one interval earlier) with "
+                    f"trainer.resume={previous}")
+    ways += ["start the run afresh with trainer.rerun=true (its files move to previous-<time>/)",
+             f"or delete {path} and run the same command again"]
+    return RunFileError(path, problem, ways)

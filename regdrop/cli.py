@@ -2,12 +2,15 @@
 and regdrop's own ``--help``.
 
 A bad config value stops the run with one paragraph naming the key and what is valid (exit
-status 2), never a traceback. In a multirun the failing job is marked failed and the other
+status 2), never a traceback; so do a damaged file of the run folder (named, with the ways
+forward) and a disk or permission fault while the run writes (the path and the errno). In a multirun the failing job is marked failed and the other
 jobs go on; when the sweep ends Hydra reports the failed job and exits 1.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import textwrap
 import time
@@ -15,10 +18,11 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from regdrop.errors import ConfigError
+from regdrop.errors import DISK_ERRNOS, ConfigError, describe_os_error
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("data", "model", "dropout", "schedule", "optim", "lr", "trainer", "logger", "experiment",
@@ -38,9 +42,16 @@ def run(cfg: DictConfig) -> float | None:
     _STARTED.append(True)
     try:
         metrics = train(cfg)
-    except (ConfigError, Diverged) as err:
-        what = "error in" if isinstance(err, ConfigError) else "stopped:"
-        message = textwrap.fill(f"regdrop: {what} {err}", width=100)
+    except (ConfigError, Diverged, OSError) as err:
+        if isinstance(err, OSError) and err.errno not in DISK_ERRNOS:
+            raise
+        if isinstance(err, OSError):  # a full disk, a read-only folder, a path that is a file
+            text = describe_os_error(err, Path(cfg.paths.output_dir) / "checkpoint.pt")
+            err = ConfigError("hydra.run.dir", text)
+            message = textwrap.fill(f"regdrop: {text}", width=100, break_on_hyphens=False, break_long_words=False)
+        else:
+            what = "error in" if isinstance(err, ConfigError) else "stopped:"
+            message = textwrap.fill(f"regdrop: {what} {err}", width=100, break_on_hyphens=False, break_long_words=False)
         print(message, file=sys.stderr)
         if isinstance(err, ConfigError):
             _remove_if_empty(Path(cfg.paths.output_dir))
@@ -74,15 +85,61 @@ class JobFailed(CompactHydraException):
         # Read when Hydra prints it, after every job of the sweep has run.
         path, launched = self.sweep_dir / FAILED_JOBS, self.sweep_dir / "multirun.yaml"
         since = launched.stat().st_mtime - 1 if launched.exists() else 0  # this launch's jobs only
-        stamped = [line.split(" ", 1) for line in path.read_text().splitlines()] if path.exists() else []
-        lines = [text for stamp, text in stamped if float(stamp) >= since]
-        return f"regdrop: {len(lines)} job(s) of the sweep failed:\n" + "\n".join(f"  {line}" for line in lines)
+        lines, unreadable = [], 0
+        text = path.read_text(errors="replace") if path.exists() else ""
+        for line in text.splitlines():
+            stamp, _, what = line.partition(" ")
+            try:
+                if float(stamp) >= since:
+                    lines.append(what)
+            except ValueError:  # a damaged record (a torn or foreign line): counted, not fatal
+                unreadable += 1
+        damaged = (f"\n  ({unreadable} unreadable line(s) in {path}: not written by regdrop or torn; "
+                   "delete the file to start the record afresh)") if unreadable else ""
+        return (f"regdrop: {len(lines)} job(s) of the sweep failed:\n" + "\n".join(f"  {line}" for line in lines)
+                + damaged)
 
     def __reduce__(self):  # joblib / submitit send it back to the sweeping process
         return (_rebuild_job_failed, (str(self.sweep_dir), self.args[0]))
 
 
 FAILED_JOBS = "failed_jobs.txt"
+
+
+class RunFolderCheck(Callback):
+    """Hydra makes the run (or sweep) folder before regdrop's task runs: a folder that
+    cannot be made there (a path that is a file, a read-only or unwritable file system)
+    is one paragraph naming the path and the errno, exit status 2, instead of Hydra's
+    traceback. Registered in conf/hydra/default.yaml."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _check_folder(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _check_folder(config, "hydra.sweep.dir")
+
+
+def _check_folder(config: DictConfig, key: str) -> None:
+    from omegaconf import OmegaConf
+
+    try:
+        HydraConfig.instance().set_config(config)  # what ${hydra:...} in the folder's name reads
+        folder = Path(str(OmegaConf.select(config, key, throw_on_missing=True))).absolute()
+    except Exception:  # noqa: BLE001 - a folder name that does not resolve: Hydra reports it
+        return
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        code = errno.EEXIST if existing == folder else errno.ENOTDIR
+        fault = OSError(code, os.strerror(code), str(existing))
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+        fault = OSError(code, os.strerror(code), str(existing))
+    else:
+        return
+    print(textwrap.fill(f"regdrop: {key}={folder}: " + describe_os_error(fault), width=100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
+    sys.exit(2)
 
 
 def _rebuild_job_failed(sweep_dir: str, message: str) -> JobFailed:

@@ -11,7 +11,14 @@
   finished run from a killed one (``running`` with a dead process).
 
 A resumed run cuts ``metrics.jsonl`` back to what its checkpoint covers (so every step
-appears once) and continues its wandb run (same id). Under data parallelism only rank 0
+appears once) and continues its wandb run (same id). When the file holds less than the
+checkpoint covers (its tail lost in a crash), every whole line is kept, a torn last line is
+cut back to the last newline, and the lost steps are marked: a warning naming the file and
+the steps, a ``{"gap": {"from_step": a, "to_step": b}, ...}`` record in the file and
+``metrics_gaps`` in ``metrics.json``. The file only ever holds whole JSON lines. A line
+that is not JSON in what the checkpoint covers is a `RunFileError` (nothing is changed).
+``run.json`` and ``metrics.json`` are replaced atomically; a run that fails (a full disk,
+say) says ``failed`` in ``run.json`` with the reason, when the disk still lets it. Under data parallelism only rank 0
 writes (``enabled=False`` elsewhere). A failing logger (the wandb service dying) is a
 warning, never the end of the run: the metrics files are written whatever happens to it.
 
@@ -26,6 +33,7 @@ process.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -33,14 +41,15 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from regdrop.errors import ConfigError, check_keys
+from regdrop.errors import ConfigError, RunFileError, check_keys, read_error
 from regdrop.wandb_log import (
     DERIVED_SUMMARIES,
     check_log_checkpoints,
@@ -73,7 +82,9 @@ class RunTracker:
     """The run folder's files, wandb, and the console, opened and closed with the run."""
 
     def __init__(self, output_dir: Path, cfg: DictConfig, *, enabled: bool = True,
-                 metrics_bytes: int | None = None, wandb_id: str | None = None) -> None:
+                 resumed: dict[str, Any] | None = None) -> None:
+        """``resumed``: the checkpoint a resumed run started from (its ``metrics_bytes``,
+        ``wandb_run_id`` and step count are what the tracker continues from)."""
         self.output_dir = Path(output_dir)
         self.cfg = cfg
         self.enabled = enabled
@@ -83,22 +94,31 @@ class RunTracker:
         self._checkpoints: dict[str, Path] = {}  # kind -> newest file, for wandb artifacts at the end
         self._last_step: int | None = None
         self._wandb_keys: set[str] = set()  # keys this run logged to wandb's history
-        self._metrics_bytes, self._wandb_id = metrics_bytes, wandb_id
+        resumed = resumed or {}
+        self._metrics_bytes, self._wandb_id = resumed.get("metrics_bytes"), resumed.get("wandb_run_id")
+        self._resumed_step = resumed.get("state", {}).get("step", 0)  # optimizer steps it covers
+        self.gaps: list[dict[str, int]] = []  # steps lost from metrics.jsonl (a crash lost its tail)
 
     def __enter__(self) -> RunTracker:
         if not self.enabled:
             return self
         self.output_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.output_dir / "metrics.jsonl"
-        if self._metrics_bytes is not None and metrics.exists():
-            with open(metrics, "r+b") as f:  # a resume: drop what the checkpoint does not cover
-                f.truncate(self._metrics_bytes)
+        gap = self._cut_metrics(metrics) if self._metrics_bytes is not None else None
         self._jsonl = open(metrics, "a", buffering=1)  # noqa: SIM115
         self._log = open(self.output_dir / "train.log", "a", buffering=1)  # noqa: SIM115
         now = _now()
         self._status = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
                         "started": now, "updated": now}
         self._write_status()
+        if gap is not None:
+            self.gaps.append(gap)
+            self.warn(f"{metrics} held less than the checkpoint covers ({gap['missing_bytes']} bytes lost, "
+                      f"a crash lost its tail): the records of optimizer steps {gap['from_step']} to "
+                      f"{gap['to_step']} are missing; every whole line is kept and the gap is marked "
+                      "in the file and in metrics.json (metrics_gaps)")
+            self._jsonl.write(json.dumps({"gap": {"from_step": gap["from_step"], "to_step": gap["to_step"]},
+                                          "missing_bytes": gap["missing_bytes"]}) + "\n")
         if self.cfg.logger.name == "wandb":
             try:
                 self.wandb_run = _start_wandb(self.output_dir, self.cfg, self._wandb_id)
@@ -112,7 +132,35 @@ class RunTracker:
         elif issubclass(kind, KeyboardInterrupt):
             self._close("interrupted", exit_code=255)
         else:
-            self._close(getattr(err, "run_status", "failed"), exit_code=1)
+            reason = None if isinstance(err, SystemExit) else read_error(err)
+            self._close(getattr(err, "run_status", "failed"), exit_code=1, reason=reason)
+
+    def _cut_metrics(self, metrics: Path) -> dict[str, int] | None:
+        """A resume: cut metrics.jsonl back to what the checkpoint covers (whole lines only).
+        Returns the gap when the file holds less than that (its tail lost), else None."""
+        covered = self._metrics_bytes
+        data = metrics.read_bytes() if metrics.exists() else b""
+        kept = data[:covered]
+        kept = kept[: kept.rfind(b"\n") + 1]  # whole lines only: a torn last line goes
+        records = []
+        for number, line in enumerate(kept.splitlines(), start=1):
+            try:
+                records.append(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise RunFileError(metrics, f"line {number}, inside what the checkpoint covers, is not a JSON "
+                                   f"record ({read_error(err)})", [
+                                       f"remove or repair that line of {metrics} and run the same command again",
+                                       "start the run afresh with trainer.rerun=true (its files move to "
+                                       "previous-<time>/)"]) from None
+        self.gaps = [r["gap"] for r in records if isinstance(r, dict) and isinstance(r.get("gap"), dict)]
+        if len(kept) != len(data):
+            with open(metrics, "r+b") as f:
+                f.truncate(len(kept))
+        if len(data) >= covered:
+            return None
+        logged = [r["step"] for r in records if isinstance(r, dict) and "train/loss" in r]
+        start = max(logged) + 1 if logged else 0
+        return {"from_step": start, "to_step": self._resumed_step - 1, "missing_bytes": covered - len(kept)}
 
     def metrics_bytes(self) -> int:
         """The length of metrics.jsonl now (a checkpoint covers this much of it)."""
@@ -145,7 +193,11 @@ class RunTracker:
         """One record: a line of metrics.jsonl and a wandb log call at ``step``."""
         if self._jsonl is None:
             return
-        self._jsonl.write(json.dumps(_clean(record)) + "\n")
+        try:
+            self._jsonl.write(json.dumps(_clean(record)) + "\n")
+        except OSError as err:  # a full disk: the error names the file (a write names none)
+            err.filename = err.filename or self._jsonl.name
+            raise
         self._last_step = step
         self._wandb_keys.update(record)
         self._wandb(lambda run: run.log(wandb_record(record), step=step))
@@ -188,8 +240,10 @@ class RunTracker:
         if self._jsonl is None:
             return
         if summary is not None:
-            with open(self.output_dir / "metrics.json", "w") as f:
-                json.dump(_clean(summary), f, indent=2)
+            if self.gaps:  # steps whose records a crash lost: the summary says so
+                summary = {**summary, "metrics_gaps": [[g["from_step"], g["to_step"]] for g in self.gaps]}
+            text = json.dumps(_clean(summary), indent=2)
+            write_atomically(self.output_dir / "metrics.json", lambda f: f.write(text.encode()))
 
             def record(run):
                 for key, value in summary.items():
@@ -217,10 +271,13 @@ class RunTracker:
         self.warn(f"wandb failed ({type(err).__name__}: {err}); training goes on, metrics go to "
                   "metrics.jsonl and metrics.json only")
 
-    def _close(self, status: str, exit_code: int) -> None:
+    def _close(self, status: str, exit_code: int, reason: str | None = None) -> None:
+        """Close the files and wandb; ``run.json`` gets ``status`` (and ``reason``). Each step
+        goes on when one before it fails (a full disk): the run's own error is the one shown."""
         if self._jsonl is None:
             return
-        self._jsonl.close()
+        with contextlib.suppress(OSError):
+            self._jsonl.close()
         self._jsonl = None
         self._wandb(lambda run: log_checkpoints(run, self.cfg, self._checkpoints, self._last_step))
         run, self.wandb_run = self.wandb_run, None
@@ -229,16 +286,16 @@ class RunTracker:
                 run.finish(exit_code=exit_code)
             except Exception as err:  # noqa: BLE001
                 self.warn(f"wandb could not finish its run ({type(err).__name__}: {err})")
-        self._status.update(status=status, updated=_now())
-        self._write_status()
-        self._log.close()
+        self._status.update(status=status, updated=_now(), **({"reason": reason} if reason else {}))
+        with contextlib.suppress(OSError):  # a full or read-only disk: the error says it already
+            self._write_status()
+        with contextlib.suppress(OSError):
+            self._log.close()
         self._log = None
 
     def _write_status(self) -> None:
-        path = self.output_dir / "run.json"
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(self._status, indent=2) + "\n")
-        os.replace(temporary, path)
+        text = json.dumps(self._status, indent=2) + "\n"
+        write_atomically(self.output_dir / "run.json", lambda f: f.write(text.encode()), durable=False)
 
 
 @dataclass
@@ -327,6 +384,41 @@ def _start_wandb(output_dir: Path, cfg: DictConfig, run_id: str | None = None):
     )
     define_metrics(run)
     return run
+
+
+def temporary_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: ``.<name>.<pid>.tmp``
+    (the process id tells a stale one, of a dead process, from a live one's)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_atomically(path: Path, write: Callable[[IO[bytes]], object], durable: bool = True) -> None:
+    """``write(file)`` to a temporary file, flush, fsync, rename over ``path``, fsync the
+    folder: a crash leaves the old file or the new one. A failed write (a full disk)
+    removes its temporary file and raises. ``durable=False`` skips the fsyncs (a status
+    rewritten every few steps, where the latest version surviving a power cut is no need)."""
+    path = Path(path)
+    temporary = temporary_path(path)
+    try:
+        with open(temporary, "wb") as f:
+            write(f)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)  # a failed write names no file: say which one
+        raise
+    if not durable:
+        return
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash
+    finally:
+        os.close(folder)
 
 
 def _now() -> str:

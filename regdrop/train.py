@@ -36,6 +36,7 @@ from regdrop.losses import build_loss, describe_loss, hard_labels
 from regdrop.methods import (
     apply_method,
     begin_step,
+    forward_loss,
     has_unused_parameters,
     peak_rate,
     predictions,
@@ -63,7 +64,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print(f"regdrop: {output_dir} holds a finished run of this config (test/acc "
               f"{decision.summary.get('test/acc')}); not run again (trainer.rerun=true to rerun it)")
         return decision.summary
-    if runtime.is_main and decision.action == "fresh":
+    if runtime.is_main and decision.write_config:
         folder.write_config()
     data = build_data(cfg.data, seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size)
     model = build_model(cfg.model, data.info)
@@ -89,8 +90,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resumed = restore(decision.checkpoint, parts, state, diagnostics) if decision.action == "resume" else {}
     parts.net = wrap(model, runtime, trainer)
 
-    with RunTracker(output_dir, cfg, enabled=runtime.is_main, metrics_bytes=resumed.get("metrics_bytes"),
-                    wandb_id=resumed.get("wandb_run_id")) as tracker, Preemption() as preemption:
+    with RunTracker(output_dir, cfg, enabled=runtime.is_main, resumed=resumed) as tracker, \
+            Preemption() as preemption:
         announce(tracker, cfg, data, model, report, checked, runtime, per_epoch, total_steps, schedule, state)
         step_log = StepLog(tracker, trainer.log_every, runtime.all_reduce_sum, runtime.world_size)
         run_start = time.perf_counter()
@@ -224,7 +225,7 @@ def checkpoint(output_dir: Path, parts: StepParts, state: TrainState, tracker: R
         "metrics_bytes": tracker.metrics_bytes(), "wandb_run_id": tracker.run_id,
         "diagnostics_initial": diagnostics.initial, "world_size": runtime.world_size,
     }
-    save_atomically(payload, output_dir / CHECKPOINT)
+    save_atomically(payload, output_dir / CHECKPOINT, keep_previous=True)  # checkpoint.prev.pt: the one before
     tracker.log_checkpoint(output_dir / CHECKPOINT, "last")  # a wandb artifact if logger.log_checkpoints asks
     if best:
         save_atomically(payload, output_dir / BEST)
@@ -317,8 +318,8 @@ def train_step(parts: StepParts, batches: Iterator, step: int, factor: float) ->
         sync = contextlib.nullcontext() if last or not hasattr(parts.net, "no_sync") else parts.net.no_sync()
         with sync:
             with parts.runtime.autocast():
-                logits = parts.net(x)
-                loss = training_loss(logits.float(), y, parts.loss_fn)
+                # The method's forward pass(es) and loss (R-Drop runs two); one pass's loss:
+                logits, loss = forward_loss(parts.net, x, y, lambda out, t: training_loss(out.float(), t, parts.loss_fn))
             parts.scaler.scale(loss / parts.grad_accum).backward()
         loss_sum += loss.detach()
         correct += (predictions(logits.detach()).argmax(-1) == hard_labels(y)).sum()
