@@ -480,8 +480,9 @@ def test_a_second_ctrl_c_between_checkpoints_stops_at_once_without_a_traceback(r
     assert json.loads((folder / "run.json").read_text())["status"] == "interrupted"
 
 
-def test_sighup_with_a_terminal_checkpoints_and_exits_3_then_resumes(tmp_path):
-    """A closed terminal (SIGHUP) leaves a resumable run, as SIGTERM does."""
+def test_sighup_with_a_terminal_checkpoints_and_exits_3_like_sigterm(tmp_path):
+    """A closed terminal (SIGHUP) leaves a resumable run: the checkpoint of the step under way
+    and run.json `preempted`, as SIGTERM does (whose resume tests/test_resume.py checks)."""
     import pty
 
     folder = tmp_path / "run"
