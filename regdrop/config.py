@@ -8,7 +8,8 @@ mixing pairs samples within a batch, so it needs an even batch; the model is bui
 PyTorch's ``meta`` device (shapes, no memory, no data) for the data's image size and
 classes, and the method is installed into it, so a method the model cannot take, or a
 hyper-parameter that does not fit it, is found before anything real happens. Last, the
-run's length: a schedule cutoff or warm-up beyond the run, gyro's ``tau`` above the batch.
+run's length: a schedule cutoff or warm-up beyond the run, and each method's run-length
+rules (`regdrop.methods.method_run_length`: gyro's ``tau`` above the batch).
 Doubtful but legal choices (``sigma`` not a multiple of ``tau``) become one-line warnings.
 """
 
@@ -23,7 +24,7 @@ from regdrop.data import DataInfo, check_data, data_info
 from regdrop.diagnostics import check_diagnostics
 from regdrop.errors import ConfigError, check_keys
 from regdrop.losses import check_loss, mixes
-from regdrop.methods import apply_method, check_method
+from regdrop.methods import RunFacts, apply_method, check_method, method_run_length
 from regdrop.models import build_model, check_model
 from regdrop.optim import check_lr, check_optim
 from regdrop.report.table import check_table
@@ -80,15 +81,8 @@ def check_run_length(cfg: DictConfig, info: DataInfo, method: dict) -> list[str]
     """What only the run's length decides; returns warnings for doubtful choices."""
     warnings = []
     batch, accum = cfg.data.batch_size, cfg.trainer.grad_accum
-    if cfg.dropout.name == "gyro" and method.get("tau", 0) > batch:
-        raise ConfigError("dropout.tau", f"{method['tau']} sub-batches do not fit a batch of {batch} "
-                          f"(data.batch_size): {method['tau'] - batch} active masks would get no sample; "
-                          f"use tau <= {batch}")
-    if cfg.dropout.name == "gyro" and method.get("sigma", 0) % max(method.get("tau", 1), 1):
-        warnings.append(f"gyro sigma={method['sigma']} is not a multiple of tau={method['tau']}: "
-                        "periods straddle two permutations of the bank (see docs/methods.md)")
     if not info.num_train:  # ImageNet: the size is known once its folders are listed
-        return warnings
+        return warnings + method_run_length(cfg.dropout.name, method, RunFacts(batch, None))
     world_size = world_size_from_env()
     per_epoch = steps_per_epoch(info.num_train, batch, accum, world_size)
     if per_epoch < 1:
@@ -109,7 +103,4 @@ def check_run_length(cfg: DictConfig, info: DataInfo, method: dict) -> list[str]
     if cfg.lr.name == "cosine" and epochs_to_steps(cfg.lr.warmup_epochs, per_epoch) > total:
         raise ConfigError("lr.warmup_epochs", f"{cfg.lr.warmup_epochs} epochs of warm-up exceed the run's "
                           f"{cfg.trainer.epochs} epochs ({total} steps)")
-    if cfg.dropout.name == "gyro" and total < method["sigma"] // max(method["tau"], 1):
-        warnings.append(f"gyro: {total} steps are fewer than sigma/tau = {method['sigma'] // method['tau']} "
-                        "periods: part of the bank is never trained")
-    return warnings
+    return warnings + method_run_length(cfg.dropout.name, method, RunFacts(batch, total))

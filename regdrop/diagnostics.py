@@ -65,7 +65,7 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from regdrop.errors import ConfigError, check_keys, check_number
-from regdrop.methods import begin_step, training_loss
+from regdrop.methods import begin_step, ensemble_members, training_loss
 from regdrop.methods.base import DropModule, derive_seed
 from regdrop.methods.gyro import GyroDropout
 
@@ -348,35 +348,9 @@ def _log_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def gyro_members(model: nn.Module, which: str = "tau") -> list[list[int]]:
-    """The subnetworks of a model's `GyroDropout` layers: one bank index per layer each.
-
-    ``tau``: the active masks (subnetwork ``k`` uses row ``k`` of every layer's selection, as
-    sub-batch ``k`` does in training). ``sigma``: those of the last ``sigma // tau`` periods up
-    to the current one, replayed on copies of the layers (the model is not touched).
-    """
-    layers = [m for m in model.modules() if isinstance(m, GyroDropout)]
-    if not layers:
-        raise ValueError("the model has no GyroDropout layer")
-    if which not in GYRO_SUBNETWORKS:
-        raise ValueError(f"which must be one of {list(GYRO_SUBNETWORKS)}, got {which!r}")
-    if which == "tau":
-        selections = [[layer.selection.tolist() for layer in layers]]
-    else:
-        state = layers[0].get_extra_state()
-        if state["step"] is None or state["period"] is None:
-            raise ValueError("the gyro layers have not begun a training step: no period to replay")
-        current = state["step"] // state["period"]
-        periods = range(max(0, current - max(1, layers[0].sigma // layers[0].tau) + 1), current + 1)
-        selections = []
-        replicas = [copy.deepcopy(layer) for layer in layers]
-        for period in periods:
-            for replica in replicas:
-                replica.begin_step(period * replica.period)
-            selections.append([replica.selection.tolist() for replica in replicas])
-    members = []
-    for per_layer in selections:
-        members.extend([list(indices) for indices in zip(*per_layer, strict=False)])
-    return members
+    """The subnetworks of a model's `GyroDropout` layers (gyro's ensemble hook,
+    `regdrop.methods.ensemble_members`): one bank index per layer each."""
+    return ensemble_members(model, "gyro", which)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError
 
 from regdrop.config import validate
 from regdrop.data import build_data
@@ -69,7 +70,6 @@ def test_experiment_files_are_global_packages():
     ("trainer", lambda cfg: check_trainer(cfg.trainer)),
     ("optim", lambda cfg: build_optimizer(cfg.optim, torch.nn.Linear(2, 2))),
     ("schedule", lambda cfg: DropSchedule.from_config(cfg.schedule, 10)),
-    ("dropout", lambda cfg: apply_method(torch.nn.Sequential(torch.nn.Dropout()), cfg.dropout)),
     ("logger", lambda cfg: validate(cfg)),
     ("model", lambda cfg: validate(cfg)),
 ])
@@ -104,3 +104,15 @@ def test_the_sweeps_an_experiment_file_documents_are_valid(experiment, tmp_path)
     for job in jobs:
         assert f"experiment={experiment}" in job
         check(compose_config(job, tmp_path))
+
+
+def test_a_dropout_key_no_method_reads_is_refused_by_its_schema_and_by_the_method(tmp_path):
+    # The schema (the method's options) refuses it at composition, even in open_dict...
+    cfg = compose_config(["data=synthetic"], tmp_path)
+    with pytest.raises(ConfigAttributeError, match="typo_key"), open_dict(cfg):
+        cfg.dropout.typo_key = 1
+    # ...and a section that never went through the schema is checked by the method.
+    section = {**OmegaConf.to_container(cfg.dropout), "typo_key": 1}
+    with pytest.raises(ConfigError) as err:
+        apply_method(torch.nn.Sequential(torch.nn.Dropout()), section)
+    assert err.value.key == "dropout.typo_key"

@@ -87,7 +87,7 @@ LIU_RECIPE = {
     "loss.mix_mode": "batch", "loss.label_smoothing": 0.1, "trainer.epochs": 300,
 }
 # The rates are null in the rows: each model recommends Liu et al.'s (LIU_RATES below).
-LIU_SD = {"dropout.name": "stochastic_depth", "dropout.drop_rate": None, "dropout.mode": "sample",
+LIU_SD = {"dropout.name": "stochastic_depth", "dropout.p": None, "dropout.mode": "sample",
           "dropout.distribution": "linspace", "dropout.scaling": "inverted"}
 LIU_DROPOUT = {"dropout.name": "standard", "dropout.p": None, "dropout.sites": ["token", "attn"]}
 LIU_EARLY = {"schedule.name": "early", "schedule.shape": "linear", "schedule.cutoff_epoch": 50}
@@ -143,7 +143,7 @@ PAPER: dict[str, dict] = {
     "liu_late_sd": {
         "values": {**LIU_RECIPE, "model.name": "vit_base", **LIU_ARMS["liu_late_sd"]},
         "sweep": {"arm": ["liu_sd", "liu_late_sd"], "model": ["vit_base", "mixer_b16"]},
-        "jobs": {"arm=liu_sd": {"drop_rate": 0.4, "schedule.name": "constant"}},
+        "jobs": {"arm=liu_sd": {"p": 0.4, "schedule.name": "constant"}},
     },
     "gyro_lenet_alexnet_cifar": {
         "values": {**GYRO_RECIPE, **GYRO_PAPER_NETS, "data.name": "cifar10", "model.name": "lenet"},
@@ -286,8 +286,8 @@ def test_liu_models_recommend_the_papers_rates_where_a_row_leaves_them_null(mode
           "scaling": "inverted", "seed": None}
     with torch.device("meta"):
         report = apply_method(build_model(OmegaConf.create(spec), info), sd, seed=0)
-    assert report.options["drop_rate"] == drop_rate
-    assert any(note.startswith(f"drop_rate={drop_rate}: ") and "recommendation" in note for note in report.notes)
+    assert report.options["p"] == drop_rate  # drop_rate: the old name of stochastic depth's p
+    assert any(note.startswith(f"p={drop_rate}: ") and "recommendation" in note for note in report.notes)
     standard = {"name": "standard", "p": None, "sites": ["token", "attn"], "scaling": "inverted"}
     with torch.device("meta"):
         net = build_model(OmegaConf.create(spec), info)
@@ -300,7 +300,7 @@ def test_liu_models_recommend_the_papers_rates_where_a_row_leaves_them_null(mode
     # A value the config sets wins over the recommendation.
     with torch.device("meta"):
         assert apply_method(build_model(OmegaConf.create(spec), info), {**sd, "drop_rate": 0.2}).options[
-            "drop_rate"] == 0.2
+            "p"] == 0.2
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -33,7 +33,7 @@ SMALL_OPTIONS = {
     "gyro": {"sigma": 8, "tau": 4},
     "dropconnect": {"inference": "gaussian", "samples": 16},
     "multisample": {"samples": 4},
-    "stochastic_depth": {"drop_rate": 0.5},
+    "stochastic_depth": {"p": 0.5},
 }
 SMALL_METHOD = {m: [f"dropout.{k}={v}" for k, v in o.items()] for m, o in SMALL_OPTIONS.items()}
 

@@ -30,7 +30,7 @@ from regdrop.bench.report import Comparison
 from regdrop.bench.timing import Candidate, measure, say, synchronizer
 from regdrop.data import DataInfo
 from regdrop.errors import ConfigError
-from regdrop.methods import apply_method, setup_run
+from regdrop.methods import REGISTRY, apply_method, setup_run
 from regdrop.models import build_model
 from regdrop.optim import build_lr_schedule, build_optimizer
 from regdrop.runtime import Runtime
@@ -47,7 +47,9 @@ def config(group: str, name: str, **overrides) -> DictConfig:
     path = CONF / group / f"{name}.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: regdrop.bench reads the project's conf/ tree")
-    return OmegaConf.merge(OmegaConf.load(path), overrides)
+    loaded = OmegaConf.load(path)
+    loaded.pop("defaults", None)  # a conf/dropout file's schema: the section itself is the rest
+    return OmegaConf.merge(loaded, overrides)
 
 
 def optimizer_and_schedule(model: nn.Module):
@@ -57,19 +59,22 @@ def optimizer_and_schedule(model: nn.Module):
     return optimizer, schedule
 
 
-# (label, method, overrides of conf/dropout/<method>.yaml). Rates as the papers use them:
-# the files' p=0.5 for FC dropout, gyro and multi-sample, 0.1 for spatial; block-wise
-# stochastic depth at Huang et al.'s linear 0.5, sample-wise at Composer's card's 0.1.
-METHODS: tuple[tuple[str, str, dict], ...] = (
-    ("standard", "standard", {}),
-    ("spatial", "spatial", {}),
-    ("dropconnect", "dropconnect", {}),
-    ("gyro", "gyro", {}),
-    ("multisample M=8", "multisample", {"samples": 8}),
-    ("multisample M=1", "multisample", {"samples": 1}),
-    ("s.d. block", "stochastic_depth", {"drop_rate": 0.5, "mode": "block", "distribution": "linear"}),
-    ("s.d. sample", "stochastic_depth", {"drop_rate": 0.1, "mode": "sample", "distribution": "linear"}),
-)
+# (label, method, overrides of conf/dropout/<method>.yaml): every registered method at its
+# config file's values (regdrop.methods.REGISTRY, so a new method is benchmarked without a
+# word here), plus variants at the papers' settings: multi-sample with one copy against
+# eight, block-wise stochastic depth at Huang et al.'s linear 0.5, sample-wise at
+# Composer's card's 0.1.
+VARIANTS: dict[str, tuple[tuple[str, dict], ...]] = {
+    "multisample": (("multisample M=8", {"samples": 8}), ("multisample M=1", {"samples": 1})),
+    "stochastic_depth": (("s.d. block", {"p": 0.5, "mode": "block", "distribution": "linear"}),
+                         ("s.d. sample", {"p": 0.1, "mode": "sample", "distribution": "linear"})),
+}
+
+
+def registered_methods() -> tuple[tuple[str, str, dict], ...]:
+    """The benchmark's method list, read from the registry when called."""
+    return tuple(case for name in REGISTRY for case in
+                 (tuple((label, name, o) for label, o in VARIANTS[name]) if name in VARIANTS else ((name, name, {}),)))
 
 
 @dataclass(frozen=True)
@@ -150,11 +155,12 @@ def bare_step(model: nn.Module, runtime: Runtime, batches: list) -> Callable[[],
 
 def step_comparisons(cases: list[ModelCase], runtime: Runtime, *, repeats: int, warmup: int,
                      min_time_s: float, seed: int = 0,
-                     methods: tuple[tuple[str, str, dict], ...] = METHODS,
+                     methods: tuple[tuple[str, str, dict], ...] | None = None,
                      clock: Callable[[], float] = time.perf_counter
                      ) -> tuple[list[Comparison], list[str]]:
     """One `Comparison` per model: bare loop, ``none`` and every method that applies."""
     comparisons, notes = [], []
+    methods = registered_methods() if methods is None else methods
     for case in cases:
         torch.manual_seed(seed)
         initial = case.build().to(runtime.device).train()
@@ -165,7 +171,7 @@ def step_comparisons(cases: list[ModelCase], runtime: Runtime, *, repeats: int, 
         for label, method, overrides in methods:
             model = copy.deepcopy(initial)
             try:
-                apply_method(model, config("dropout", method, **overrides), seed=seed)
+                apply_method(model, {"name": method, **overrides}, seed=seed)  # the method's defaults
             except ConfigError as err:
                 notes.append(f"steps, {case.label}: {label} does not apply ({err})")
                 continue

@@ -1,29 +1,36 @@
-"""The dropout methods: one module per method, each a layer plus an ``apply_<method>``.
+"""The dropout methods: one module per method, each declaring itself once as a `Method`.
 
-Every method module has the same three public pieces: its layer(s), ``apply_<method>(model,
-...)`` (the surgery) and ``check_options(...)`` (the same keyword arguments, checked without
-a model). The config ``dropout`` section's keys (besides ``name``) are exactly those keyword
-arguments, so a typo is an error, not a silently ignored key.
+A method module holds its layer(s), its options dataclass (the keys and defaults of
+``conf/dropout/<method>.yaml``, whose schema it is), its ``check`` and ``apply_<method>``,
+and its optional hooks (`regdrop.methods.method`). `REGISTERED` is the one list of
+methods: the config check, the trainer, the tests, the benchmark and the docs' method table
+all read `REGISTRY`, built from it by explicit import. Importing this package registers the
+schemas with Hydra's ConfigStore, so any code that composes the config tree imports it first.
 
 The training loop reaches the methods only through this package's functions:
 
 * `check_method` (before anything is built) and `apply_method` (the surgery);
+* `method_run_length` once the run's length is known (the methods' run-length rules);
 * `setup_run` once with the run's length, `begin_step` before every optimizer step with
   the schedule's rate factor;
-* `training_loss` and `predictions`, which know what a method does to the logits
+* `forward_loss` (a training micro-batch's forward pass(es) and loss: R-Drop's two passes),
+  `training_loss` and `predictions`, which know what a method does to the logits
   (multi-sample dropout trains on ``M x B x C`` copies);
+* `ensemble_members` (an MC-dropout ensemble's members: gyro's subnetworks);
 * `peak_rate`, read from the installed layers.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
-from collections.abc import Callable, Mapping
-from types import ModuleType
+import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from regdrop.errors import ConfigError
@@ -38,38 +45,42 @@ from regdrop.methods.base import (
     method_defaults,
     set_rate_factor,
 )
+from regdrop.methods.method import Loss, Method, RunFacts, register_schemas
 
-# method name -> (module, apply function)
-METHODS: dict[str, tuple[str, str]] = {
-    "standard": ("standard", "apply_standard_dropout"),
-    "spatial": ("spatial", "apply_spatial_dropout"),
-    "dropconnect": ("dropconnect", "apply_dropconnect"),
-    "gyro": ("gyro", "apply_gyro_dropout"),
-    "multisample": ("multisample", "apply_multisample_dropout"),
-    "stochastic_depth": ("stochastic_depth", "apply_stochastic_depth"),
+# The registered methods, one module each: adding a method is adding its line here.
+REGISTERED = (
+    "standard",
+    "spatial",
+    "dropconnect",
+    "gyro",
+    "multisample",
+    "stochastic_depth",
+)
+REGISTRY: dict[str, Method] = {
+    name: importlib.import_module(f"regdrop.methods.{name}").METHOD for name in REGISTERED
 }
-VALID = ("none", *METHODS)
-# Arguments the trainer sets from the run itself: not config keys.
-RUN_ARGUMENTS = {"model", "total_steps"}
-# Options a model may recommend (``regdrop_method_defaults``) though the method has a default
-# of its own: null in the config asks for the model's value (Liu et al.'s rates). Options
-# whose default is None (gyro's sigma, tau) may always be null.
-RECOMMENDABLE = {"standard": {"p"}, "stochastic_depth": {"drop_rate"}}
+VALID = ("none", *REGISTRY)
+register_schemas(REGISTRY)
 
 __all__ = [
-    "METHODS",
+    "REGISTRY",
+    "VALID",
     "DropModule",
     "DropSite",
     "MethodAlreadyApplied",
     "MethodNotApplicable",
+    "RunFacts",
     "SurgeryReport",
     "apply_method",
     "begin_step",
     "check_method",
+    "method_run_length",
     "drop_modules",
+    "ensemble_members",
     "find_sites",
+    "forward_loss",
     "has_unused_parameters",
-    "method_function",
+    "method",
     "peak_rate",
     "predictions",
     "set_rate_factor",
@@ -78,50 +89,82 @@ __all__ = [
 ]
 
 
-def _module(name: str) -> ModuleType:
-    if name not in METHODS:
+def method(name: str) -> Method:
+    """The registered method called ``name``; a `ConfigError` naming ``dropout.name`` if none."""
+    if name not in REGISTRY:
         raise ConfigError("dropout.name", f"unknown method {name!r}; valid: {', '.join(VALID)}")
-    return importlib.import_module(f"regdrop.methods.{METHODS[name][0]}")
+    return REGISTRY[name]
 
 
-def method_function(name: str) -> Callable[..., SurgeryReport]:
-    """The ``apply_<method>`` function of method ``name``."""
-    return getattr(_module(name), METHODS[name][1])
+def _plain(cfg: Mapping) -> dict[str, Any]:
+    """The ``dropout`` section as plain Python values (lists, not ListConfig)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return {k: OmegaConf.to_container(v) if isinstance(v, DictConfig | ListConfig) else v for k, v in cfg.items()}
 
 
-def config_keys(name: str) -> list[str]:
-    """The ``dropout.<key>`` options of method ``name``: its apply function's arguments."""
-    parameters = inspect.signature(method_function(name)).parameters
-    return [key for key in parameters if key not in RUN_ARGUMENTS]
+def _rename(declared: Method, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with each deprecated key moved to its new name (one warning each). A null
+    alias is "not given", unless the new key is absent too (a hand-written dict)."""
+    for old, new in declared.aliases.items():
+        if old not in options:
+            continue
+        value = options.pop(old)
+        if value is not None or new not in options:
+            if value is not None:
+                warnings.warn(f"dropout.{old} is deprecated: it is {declared.name}'s {new}, the name "
+                              f"every method gives its rate; use dropout.{new}", FutureWarning, stacklevel=3)
+            options[new] = value
+    return options
 
 
 def _options(cfg: Mapping) -> tuple[str, dict]:
-    """The method name and its options as plain Python values (lists, not ListConfig)."""
-    options = {k: list(v) if _is_sequence(v) else v for k, v in dict(cfg).items()}
-    return options.pop("name"), options
+    """The method name and its options, typed by the method's options dataclass: every key
+    given is an option, every value has the option's type (OmegaConf converts ``1`` to
+    ``1.0`` for a float, and refuses ``"abc"``)."""
+    options = _plain(cfg)
+    name = options.pop("name")
+    if name == "none":
+        if options:
+            raise ConfigError(f"dropout.{next(iter(options))}", "method 'none' takes no options")
+        return name, {}
+    declared = method(name)
+    options = _rename(declared, options)
+    valid = declared.option_keys()
+    for key in options:
+        if key not in valid:
+            shown = [k for k in valid if k not in declared.aliases]
+            raise ConfigError(f"dropout.{key}", f"not an option of method {name!r}; valid: {', '.join(shown)}")
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(declared.options), options)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None) or "name"
+        message = str(err).splitlines()[0]
+        raise ConfigError(f"dropout.{key}", f"{message} (method {name!r})") from None
+    return name, {key: value for key, value in OmegaConf.to_container(typed).items() if key not in declared.aliases}
 
 
 def check_method(cfg: Mapping) -> None:
     """Check the config ``dropout`` section without a model: the name, that every key is an
-    option of the method, and each value (the method's ``check_options``). A null option
-    that a model may recommend (`RECOMMENDABLE`) is left to `apply_method`, which knows the
-    model."""
+    option of the method and has its type, and each value (the method's ``check``). A null
+    option that a model may recommend is left to `apply_method`, which knows the model."""
+    _checked(cfg)
+
+
+def _checked(cfg: Mapping) -> tuple[str, dict]:
+    """`check_method`, returning the method's name and typed options."""
     name, options = _options(cfg)
     if name == "none":
-        if options:
-            raise ConfigError(f"dropout.{next(iter(options))}", "method 'none' takes no options")
-        return
-    valid = config_keys(name)
-    for key in options:
-        if key not in valid:
-            raise ConfigError(f"dropout.{key}", f"not an option of method {name!r}; valid: {', '.join(valid)}")
-    defaults = inspect.signature(method_function(name)).parameters
+        return name, options
+    declared = REGISTRY[name]
+    defaults = declared.defaults()
     for key, value in options.items():
-        if (value is None and key != "seed" and defaults[key].default is not None
-                and key not in RECOMMENDABLE.get(name, ())):
+        if value is None and key != "seed" and defaults.get(key) is not None and key not in declared.recommendable:
             raise ConfigError(f"dropout.{key}", f"must be set for method {name!r} (got null)")
-    with _as_config_error(name, valid):
-        _module(name).check_options(**{k: v for k, v in options.items() if v is not None})
+    stand_in = {k: (defaults[k] if v is None and k in declared.recommendable else v) for k, v in options.items()}
+    with _as_config_error(name, declared.option_keys()):
+        declared.check(declared.options(**stand_in))
+    return name, options
 
 
 def apply_method(model: nn.Module, cfg: Mapping, *, seed: int = 0) -> SurgeryReport:
@@ -132,14 +175,15 @@ def apply_method(model: nn.Module, cfg: Mapping, *, seed: int = 0) -> SurgeryRep
     rates on Liu et al.'s models), and a null ``seed``
     follows the run's ``seed``, so that every random stream of a run changes with it. The
     returned report holds the options used and where the unset ones came from. Bad keys
-    and values become a `ConfigError` naming the ``dropout.<key>`` at fault.
+    and values become a `ConfigError` naming the ``dropout.<key>`` at fault. The model
+    remembers its method (``regdrop_method``, ``regdrop_options``) for `forward_loss`.
     """
-    check_method(cfg)
-    name, options = _options(cfg)
+    name, options = _checked(cfg)
     if name == "none":
         return SurgeryReport("none")
+    declared = REGISTRY[name]
     notes = []
-    recommended = method_defaults(model, name)
+    recommended = _rename(declared, method_defaults(model, name))
     for key, value in recommended.items():
         if options.get(key, 0) is None:
             options[key] = value
@@ -147,16 +191,27 @@ def apply_method(model: nn.Module, cfg: Mapping, *, seed: int = 0) -> SurgeryRep
     if options.get("seed", 0) is None:
         options["seed"] = seed
         notes.append("seed follows the run seed")
-    parameters = inspect.signature(method_function(name)).parameters
+    defaults = declared.defaults()
     for key, value in options.items():
-        if value is None and parameters[key].default is not None:
+        if value is None and defaults.get(key) is not None:
             raise ConfigError(f"dropout.{key}", f"is null, which takes the model's recommendation, and "
                               f"{type(model).__name__} has none for method {name!r}; set a value")
-    with _as_config_error(name, config_keys(name)):
-        report = method_function(name)(model, **options)
+    with _as_config_error(name, declared.option_keys()):
+        report = declared.apply(model, **options)
+    model.regdrop_method, model.regdrop_options = name, dict(options)
     report.options = {**options, **report.options}
     report.notes = notes + report.notes
     return report
+
+
+def method_run_length(name: str, options: Mapping[str, Any], facts: RunFacts) -> list[str]:
+    """The run-length rules of method ``name`` (with the options its surgery used);
+    returns warnings for doubtful choices, raises a `ConfigError` for impossible ones."""
+    declared = REGISTRY.get(name)
+    if declared is None or declared.run_length is None:
+        return []
+    with _as_config_error(name, declared.option_keys()):
+        return declared.run_length(options, facts)
 
 
 def setup_run(model: nn.Module, total_steps: int, rank: int = 0, world_size: int = 1) -> None:
@@ -185,22 +240,60 @@ def peak_rate(model: nn.Module) -> float:
     return max((module.peak for module in drop_modules(model)), default=0.0)
 
 
+def installed(net: nn.Module) -> tuple[str | None, dict]:
+    """The method `apply_method` installed in ``net`` (seen through DDP and ``torch.compile``
+    wrappers) and its options; ``(None, {})`` when none was."""
+    while not hasattr(net, "regdrop_method"):
+        inner = getattr(net, "module", None) or getattr(net, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None, {}
+        net = inner
+    return net.regdrop_method, net.regdrop_options
+
+
+def forward_loss(net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss: Loss
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training micro-batch: ``(logits, loss)``. ``loss(logits, targets)`` is the loss of
+    one forward pass; a method with a ``forward_loss`` hook (R-Drop's two passes) decides
+    how the passes combine, else it is ``loss(net(inputs), targets)``."""
+    name, options = installed(net)
+    hook = REGISTRY[name].forward_loss if name in REGISTRY else None
+    if hook is not None:
+        return hook(net, inputs, targets, loss, options)
+    logits = net(inputs)
+    return logits, loss(logits, targets)
+
+
 def training_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    loss_fn: Loss = F.cross_entropy,
 ) -> torch.Tensor:
-    """The training loss of a forward pass: ``loss_fn``, or the mean over multi-sample copies."""
-    from regdrop.methods.multisample import multisample_loss
-
-    return multisample_loss(logits, targets, loss_fn)
+    """The training loss of a forward pass: ``loss_fn`` on ``B x C`` logits; logits of
+    another shape go to the method whose ``training_loss`` hook made them (multi-sample)."""
+    if logits.ndim != 2:
+        for declared in REGISTRY.values():
+            if declared.training_loss is not None:
+                return declared.training_loss(logits, targets, loss_fn)
+    return loss_fn(logits, targets)
 
 
 def predictions(logits: torch.Tensor) -> torch.Tensor:
-    """``B x C`` logits to judge predictions by (multi-sample copies averaged)."""
-    from regdrop.methods.multisample import collapse_copies
+    """``B x C`` logits to judge predictions by (each method's ``predictions`` hook: the
+    multi-sample copies averaged)."""
+    for declared in REGISTRY.values():
+        if declared.predictions is not None:
+            logits = declared.predictions(logits)
+    return logits
 
-    return collapse_copies(logits)
+
+def ensemble_members(model: nn.Module, name: str, which: str) -> list:
+    """The members of an MC-dropout ensemble of ``model`` by method ``name``'s ``ensemble``
+    hook (gyro's subnetworks: ``which`` is ``tau`` or ``sigma``)."""
+    hook = method(name).ensemble
+    if hook is None:
+        raise ValueError(f"method {name!r} declares no ensemble members")
+    return hook(model, which)
 
 
 class _as_config_error:
@@ -224,6 +317,3 @@ class _as_config_error:
             raise ConfigError(key, message) from None
         return False
 
-
-def _is_sequence(value) -> bool:
-    return isinstance(value, list | tuple) or type(value).__name__ == "ListConfig"

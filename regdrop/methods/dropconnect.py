@@ -42,6 +42,8 @@ the ``<name>.rate`` buffer. The gaussian draws are not saved: they follow from `
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +61,9 @@ from regdrop.methods.base import (
     refuse_reapply,
     replace_module,
 )
+from regdrop.methods.method import Method
 
-__all__ = ["DropConnectLinear", "apply_dropconnect", "normal_draws"]
+__all__ = ["METHOD", "DropConnectLinear", "DropConnectOptions", "apply_dropconnect", "normal_draws"]
 
 PER = ("batch", "example", "subbatch")
 INFERENCE = ("mean", "gaussian")
@@ -73,28 +76,34 @@ ACTIVATIONS = (
 CHUNK_ELEMENTS = 1 << 22
 
 
-def check_options(
-    *,
-    p: float = 0.5,
-    layers: Iterable[str] | None = None,
-    per: str = "batch",
-    groups: int = 4,
-    inference: str = "mean",
-    samples: int = 1000,
-    seed: int = 0,
-) -> None:
-    """Raise `ValueError` (starting with the option's name) for a bad `apply_dropconnect`
-    option; needs no model (whether ``layers`` name Linear layers is checked on the model)."""
-    check_rate(p, "p")
+@dataclass
+class DropConnectOptions:
+    """The options of DropConnect (the keys of ``conf/dropout/dropconnect.yaml``)."""
+
+    p: float = 0.5
+    layers: list[str] | None = None
+    per: str = "batch"
+    groups: int = 4
+    inference: str = "mean"
+    samples: int = 1000
+    seed: int | None = None  # null: the run's seed (0 in the functional API)
+
+
+def check(options: DropConnectOptions) -> None:
+    """Raise `ValueError` (starting with the option's name) for a bad option; needs no model
+    (whether ``layers`` name Linear layers is checked on the model)."""
+    layers = options.layers
+    check_rate(options.p, "p")
     if layers is not None and not (
         isinstance(layers, str) or all(isinstance(name, str) for name in layers)
     ):
         raise ValueError(f"layers must be dotted layer names or null, got {layers!r}")
-    check_choice(per, "per", PER)
-    check_int(groups, "groups", positive=True)
-    check_choice(inference, "inference", INFERENCE)
-    check_int(samples, "samples", positive=True)
-    check_int(seed, "seed")
+    check_choice(options.per, "per", PER)
+    check_int(options.groups, "groups", positive=True)
+    check_choice(options.inference, "inference", INFERENCE)
+    check_int(options.samples, "samples", positive=True)
+    if options.seed is not None:
+        check_int(options.seed, "seed")
 
 
 def normal_draws(samples: int, width: int, seed: int) -> torch.Tensor:
@@ -135,7 +144,7 @@ class DropConnectLinear(DropModule):
         activation: nn.Module | None = None,
     ) -> None:
         super().__init__(p)
-        check_options(p=p, per=per, groups=groups, inference=inference, samples=samples, seed=seed)
+        check(DropConnectOptions(p=p, per=per, groups=groups, inference=inference, samples=samples, seed=seed))
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         if activation is not None and not isinstance(activation, ACTIVATIONS):
@@ -293,18 +302,10 @@ def _following_activation(model: nn.Module, name: str) -> tuple[str, nn.Module] 
     return f"{prefix}{keys[index + 1]}", following
 
 
-def apply_dropconnect(
-    model: nn.Module,
-    *,
-    p: float = 0.5,
-    layers: Iterable[str] | None = None,
-    per: str = "batch",
-    groups: int = 4,
-    inference: str = "mean",
-    samples: int = 1000,
-    seed: int = 0,
-) -> SurgeryReport:
-    """Replace chosen ``nn.Linear`` layers of ``model`` by `DropConnectLinear` layers.
+def apply_dropconnect(model: nn.Module, **options: Any) -> SurgeryReport:
+    """Replace chosen ``nn.Linear`` layers of ``model`` by `DropConnectLinear` layers
+    (`DropConnectOptions`: ``p=0.5, layers=None, per="batch", groups=4, inference="mean",
+    samples=1000, seed=0``).
 
     ``layers``: dotted names of Linear layers. None: the model's
     ``regdrop_dropconnect_layers`` (regdrop's models declare their hidden FC layers), else
@@ -314,10 +315,12 @@ def apply_dropconnect(
     ``derive_seed(seed, k)``.
     A model that already has DropConnect is refused (`refuse_reapply`).
     """
-    check_options(p=p, layers=layers, per=per, groups=groups, inference=inference,
-                  samples=samples, seed=seed)
+    chosen = DropConnectOptions(**options)
+    check(chosen)
+    p, per, groups, inference, samples = chosen.p, chosen.per, chosen.groups, chosen.inference, chosen.samples
+    seed = chosen.seed or 0
     refuse_reapply(model, DropConnectLinear, "apply_dropconnect")
-    names = _chosen_layers(model, layers)
+    names = _chosen_layers(model, chosen.layers)
     report = SurgeryReport("dropconnect")
     for index, name in enumerate(names):
         linear = model.get_submodule(name)
@@ -333,3 +336,6 @@ def apply_dropconnect(
         if following is not None:
             report.add(following[0], replace_module(model, following[0], nn.Identity()), "Identity")
     return report
+
+
+METHOD = Method("dropconnect", DropConnectOptions, apply_dropconnect, check)

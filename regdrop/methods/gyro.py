@@ -54,9 +54,11 @@ Composer's ``GyroDropoutLayer``:
 
 from __future__ import annotations
 
+import copy
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -78,6 +80,7 @@ from regdrop.methods.base import (
     refuse_reapply,
     replace_module,
 )
+from regdrop.methods.method import Method, RunFacts
 
 SCALINGS = ("expected", "empirical")
 # The site kinds gyro fills (the mask covers the site's feature axis); attention
@@ -195,36 +198,58 @@ def _check_hyper_parameters(p: float, sigma: int, tau: int, scaling: str) -> Non
 DEFAULT_SIGMA, DEFAULT_TAU = 256, 16
 
 
-def check_options(
-    *,
-    p: float = 0.5,
-    sigma: int | None = None,
-    tau: int | None = None,
-    sites: Sequence[str] = ("fc",),
-    with_replacement: bool = False,
-    scaling: str = "expected",
-    seed: int = 0,
-    total_steps: int | None = None,
-) -> tuple[str, ...]:
-    """Raise `ValueError` (starting with the option's name) for a bad `apply_gyro_dropout`
-    option; needs no model (``sigma``/``tau`` None: the model's recommendation, checked
-    once known). Returns the site kinds."""
-    check_rate(p, "p")
+@dataclass
+class GyroOptions:
+    """The options of gyro dropout (the keys of ``conf/dropout/gyro.yaml``)."""
+
+    p: float = 0.5
+    sigma: int | None = None  # null: the model's recommendation, else DEFAULT_SIGMA
+    tau: int | None = None  # null: the model's recommendation, else DEFAULT_TAU
+    sites: list[str] = field(default_factory=lambda: ["fc"])
+    with_replacement: bool = False
+    scaling: str = "expected"
+    seed: int | None = None  # null: the run's seed (0 in the functional API)
+
+
+def check(options: GyroOptions) -> tuple[str, ...]:
+    """Raise `ValueError` (starting with the option's name) for a bad option; needs no model
+    (``sigma``/``tau`` None: the model's recommendation, checked once known). Returns the
+    site kinds."""
+    sigma, tau = options.sigma, options.tau
+    check_rate(options.p, "p")
     if sigma is not None:
         check_int(sigma, "sigma", positive=True)
     if tau is not None:
         limit = f" <= sigma ({sigma})" if sigma is not None else ""
         if not is_int(tau) or tau < 1 or (sigma is not None and tau > sigma):
             raise ValueError(f"tau must be a positive integer{limit}, got {tau!r}")
-    if not isinstance(with_replacement, bool):
-        raise ValueError(f"with_replacement must be true or false, got {with_replacement!r}")
-    check_choice(scaling, "scaling", SCALINGS)
-    check_int(seed, "seed")
-    _check_total_steps(total_steps)
+    if not isinstance(options.with_replacement, bool):
+        raise ValueError(f"with_replacement must be true or false, got {options.with_replacement!r}")
+    check_choice(options.scaling, "scaling", SCALINGS)
+    if options.seed is not None:
+        check_int(options.seed, "seed")
     return normalise_sites(
-        sites, valid=GYRO_KINDS,
+        options.sites, valid=GYRO_KINDS,
         why="gyro masks a layer's features, and attention probabilities are not features",
     )
+
+
+def check_run_length(options: Mapping[str, Any], facts: RunFacts) -> list[str]:
+    """Gyro's rules that the run decides: ``tau`` sub-batches must fit the batch; warnings
+    when ``sigma`` is not a multiple of ``tau`` or the run is shorter than the bank's
+    ``sigma / tau`` periods. ``options`` are those the surgery used (sigma, tau known)."""
+    sigma, tau, batch = options["sigma"], options["tau"], facts.batch_size
+    if tau > batch:
+        raise ValueError(f"tau: {tau} sub-batches do not fit a batch of {batch} (data.batch_size): "
+                         f"{tau - batch} active masks would get no sample; use tau <= {batch}")
+    notes = []
+    if sigma % tau:
+        notes.append(f"gyro sigma={sigma} is not a multiple of tau={tau}: periods straddle two "
+                        "permutations of the bank (see docs/methods.md)")
+    if facts.total_steps is not None and facts.total_steps < sigma // tau:
+        notes.append(f"gyro: {facts.total_steps} steps are fewer than sigma/tau = {sigma // tau} "
+                        "periods: part of the bank is never trained")
+    return notes
 
 
 def _check_total_steps(total_steps: int | None) -> None:
@@ -510,19 +535,11 @@ class GyroDropout(DropModule):
         )
 
 
-def apply_gyro_dropout(
-    model: nn.Module,
-    *,
-    p: float = 0.5,
-    sigma: int | None = None,
-    tau: int | None = None,
-    sites: Sequence[str] = ("fc",),
-    with_replacement: bool = False,
-    scaling: str = "expected",
-    seed: int = 0,
-    total_steps: int | None = None,
-) -> SurgeryReport:
-    """Put a `GyroDropout` at every drop site of the given kinds; return what was replaced.
+def apply_gyro_dropout(model: nn.Module, *, total_steps: int | None = None, **options: Any
+                       ) -> SurgeryReport:
+    """Put a `GyroDropout` at every drop site of the given kinds; return what was replaced
+    (`GyroOptions`: ``p=0.5, sigma=None, tau=None, sites=("fc",), with_replacement=False,
+    scaling="expected", seed=0``).
 
     ``fc`` and ``token`` sites get masks over the last axis, ``conv`` sites over channels.
     Site ``i`` (in module order) is seeded with ``derive_seed(seed, i)``, so layers draw
@@ -530,9 +547,13 @@ def apply_gyro_dropout(
     already has gyro dropout is refused (`refuse_reapply`).
     ``sigma``/``tau`` None take the model's recommendation (``regdrop_method_defaults``:
     the paper's (1024, 8) for the ResNets), else the paper's (256, 16) for LeNet/AlexNet.
+    ``total_steps`` (the run's length) may be given now or later through ``setup_run``.
     """
-    kinds = check_options(p=p, sigma=sigma, tau=tau, sites=sites, with_replacement=with_replacement,
-                          scaling=scaling, seed=seed, total_steps=total_steps)
+    chosen = GyroOptions(**options)
+    kinds = check(chosen)
+    _check_total_steps(total_steps)
+    p, sigma, tau, scaling = chosen.p, chosen.sigma, chosen.tau, chosen.scaling
+    with_replacement, seed = chosen.with_replacement, chosen.seed or 0
     recommended = method_defaults(model, "gyro")
     report = SurgeryReport("gyro")
     if sigma is None or tau is None:
@@ -560,3 +581,43 @@ def apply_gyro_dropout(
         replace_module(model, name, layer)
         report.add(name, site, layer)
     return report
+
+
+# Which subnetworks an MC-dropout ensemble of a gyro model averages over.
+SUBNETWORKS = ("tau", "sigma")
+
+
+def subnetworks(model: nn.Module, which: str = "tau") -> list[list[int]]:
+    """The subnetworks of a model's `GyroDropout` layers: one bank index per layer each.
+
+    ``tau``: the active masks (subnetwork ``k`` uses row ``k`` of every layer's selection, as
+    sub-batch ``k`` does in training). ``sigma``: those of the last ``sigma // tau`` periods up
+    to the current one, replayed on copies of the layers (the model is not touched).
+    """
+    layers = [m for m in model.modules() if isinstance(m, GyroDropout)]
+    if not layers:
+        raise ValueError("the model has no GyroDropout layer")
+    if which not in SUBNETWORKS:
+        raise ValueError(f"which must be one of {list(SUBNETWORKS)}, got {which!r}")
+    if which == "tau":
+        selections = [[layer.selection.tolist() for layer in layers]]
+    else:
+        state = layers[0].get_extra_state()
+        if state["step"] is None or state["period"] is None:
+            raise ValueError("the gyro layers have not begun a training step: no period to replay")
+        current = state["step"] // state["period"]
+        periods = range(max(0, current - max(1, layers[0].sigma // layers[0].tau) + 1), current + 1)
+        selections = []
+        replicas = [copy.deepcopy(layer) for layer in layers]
+        for period in periods:
+            for replica in replicas:
+                replica.begin_step(period * replica.period)
+            selections.append([replica.selection.tolist() for replica in replicas])
+    members = []
+    for per_layer in selections:
+        members.extend([list(indices) for indices in zip(*per_layer, strict=False)])
+    return members
+
+
+METHOD = Method("gyro", GyroOptions, apply_gyro_dropout, check, recommendable=frozenset({"sigma", "tau"}),
+                run_length=check_run_length, ensemble=subnetworks)

@@ -18,6 +18,8 @@ are an option of this implementation; the paper uses the same rate in every copy
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,7 @@ from regdrop.methods.base import (
     replace_module,
     site_kind,
 )
+from regdrop.methods.method import Method
 from regdrop.methods.standard import StandardDropout, dropout
 
 
@@ -124,39 +127,36 @@ def collapse_copies(logits: torch.Tensor) -> torch.Tensor:
     return logits.mean(0) if logits.ndim == 3 else logits
 
 
-def check_options(
-    *,
-    p: float = 0.5,
-    samples: int = 8,
-    rates: Sequence[float] | None = None,
-    sites: Sequence[str] = ("fc", "token", "attn"),
-    head: str | None = None,
-) -> None:
-    """Raise `ValueError` (starting with the option's name) for a bad
-    `apply_multisample_dropout` option; needs no model."""
-    check_rate(p, "p")
-    check_int(samples, "samples", positive=True)
-    if rates is not None:
-        rates = list(rates)
-        if len(rates) != samples:
-            raise ValueError(f"rates must hold one rate per copy (samples={samples}), got {len(rates)}")
+@dataclass
+class MultiSampleOptions:
+    """The options of multi-sample dropout (the keys of ``conf/dropout/multisample.yaml``)."""
+
+    p: float = 0.5
+    samples: int = 8
+    rates: list[float] | None = None
+    sites: list[str] = field(default_factory=lambda: ["fc", "token", "attn"])
+    head: str | None = None
+
+
+def check(options: MultiSampleOptions) -> None:
+    """Raise `ValueError` (starting with the option's name) for a bad option; needs no model."""
+    check_rate(options.p, "p")
+    check_int(options.samples, "samples", positive=True)
+    if options.rates is not None:
+        rates = list(options.rates)
+        if len(rates) != options.samples:
+            raise ValueError(f"rates must hold one rate per copy (samples={options.samples}), got {len(rates)}")
         for rate in rates:
             check_rate(rate, "rates")
-    normalise_sites(sites)
-    if head is not None and not isinstance(head, str):
-        raise ValueError(f"head must be the dotted name of the classifier or null, got {head!r}")
+    normalise_sites(options.sites)
+    if options.head is not None and not isinstance(options.head, str):
+        raise ValueError(f"head must be the dotted name of the classifier or null, got {options.head!r}")
 
 
-def apply_multisample_dropout(
-    model: nn.Module,
-    *,
-    p: float = 0.5,
-    samples: int = 8,
-    rates: Sequence[float] | None = None,
-    sites: Sequence[str] = ("fc", "token", "attn"),
-    head: str | None = None,
-) -> SurgeryReport:
-    """Install multi-sample dropout on the classifier of ``model``, in place.
+def apply_multisample_dropout(model: nn.Module, **options: Any) -> SurgeryReport:
+    """Install multi-sample dropout on the classifier of ``model``, in place
+    (`MultiSampleOptions`: ``p=0.5, samples=8, rates=None, sites=("fc", "token", "attn"),
+    head=None``).
 
     ``head`` is the dotted name of the final classifier ``nn.Linear`` (default: the last
     ``nn.Linear`` registered in the model); it becomes a `MultiSampleHead` with ``samples``
@@ -171,7 +171,9 @@ def apply_multisample_dropout(
     no ``nn.Linear``; a model that already has multi-sample dropout is refused
     (`refuse_reapply`).
     """
-    check_options(p=p, samples=samples, rates=rates, sites=sites, head=head)
+    chosen = MultiSampleOptions(**options)
+    check(chosen)
+    p, samples, rates, sites, head = chosen.p, chosen.samples, chosen.rates, chosen.sites, chosen.head
     refuse_reapply(model, MultiSampleHead, "apply_multisample_dropout")
     others = find_sites(model, sites)
 
@@ -222,3 +224,7 @@ def _site_feeding(modules: list[tuple[str, nn.Module]], head_index: int) -> str 
             return None
     return None
 
+
+
+METHOD = Method("multisample", MultiSampleOptions, apply_multisample_dropout, check,
+                training_loss=multisample_loss, predictions=collapse_copies)

@@ -16,7 +16,8 @@ Two layouts:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,8 +32,9 @@ from regdrop.methods.base import (
     keep_mask,
     normalise_sites,
 )
+from regdrop.methods.method import Method
 
-__all__ = ["SpatialDropout", "apply_spatial_dropout", "spatial_dropout"]
+__all__ = ["METHOD", "SpatialDropout", "SpatialOptions", "apply_spatial_dropout", "spatial_dropout"]
 
 # The kinds of site whose activations have channels (where: the site's feature axis).
 SPATIAL_KINDS = ("conv", "token")
@@ -85,19 +87,26 @@ class SpatialDropout(DropModule):
         return f"{self.rate_repr()}, channel_axis={self.channel_axis}, kind={self.kind!r}"
 
 
-def check_options(*, p: float = 0.1, sites: Iterable[str] = ("conv", "token")) -> tuple[str, ...]:
-    """Raise `ValueError` (starting with the option's name) for a bad `apply_spatial_dropout`
-    option; needs no model. Returns the site kinds."""
-    check_rate(p, "p")
+@dataclass
+class SpatialOptions:
+    """The options of spatial dropout (the keys of ``conf/dropout/spatial.yaml``)."""
+
+    p: float = 0.1
+    sites: list[str] = field(default_factory=lambda: ["conv", "token"])
+
+
+def check(options: SpatialOptions) -> tuple[str, ...]:
+    """Raise `ValueError` (starting with the option's name) for a bad option; needs no
+    model. Returns the site kinds."""
+    check_rate(options.p, "p")
     return normalise_sites(
-        sites, valid=SPATIAL_KINDS, why="spatial dropout drops channels; fc and attn sites have none"
+        options.sites, valid=SPATIAL_KINDS, why="spatial dropout drops channels; fc and attn sites have none"
     )
 
 
-def apply_spatial_dropout(
-    model: nn.Module, *, p: float = 0.1, sites: Iterable[str] = ("conv", "token")
-) -> SurgeryReport:
-    """Put a `SpatialDropout(p)` at every ``conv`` and/or ``token`` drop site of ``model``.
+def apply_spatial_dropout(model: nn.Module, **options: Any) -> SurgeryReport:
+    """Put a `SpatialDropout(p)` at every ``conv`` and/or ``token`` drop site of ``model``
+    (`SpatialOptions`: ``p=0.1, sites=("conv", "token")``).
 
     `DropSite("conv")` gets channel axis 1 and `DropSite("token")` channel axis -1. A plain
     ``nn.Dropout2d`` or ``nn.Dropout1d`` left in a foreign model is replaced with channel
@@ -105,10 +114,11 @@ def apply_spatial_dropout(
     original dropped. ``fc`` and ``attn`` sites have no channels: asking for them is a
     `ValueError`. A model that already has spatial dropout is refused (`refuse_reapply`).
     """
-    kinds = check_options(p=p, sites=sites)
+    chosen = SpatialOptions(**options)
+    kinds = check(chosen)
 
     def build(kind: str, site: nn.Module) -> SpatialDropout:
-        return SpatialDropout(p, channel_axis=feature_axis(site), kind=kind)
+        return SpatialDropout(chosen.p, channel_axis=feature_axis(site), kind=kind)
 
     return fill_sites(
         model,
@@ -118,3 +128,6 @@ def apply_spatial_dropout(
         report=SurgeryReport("spatial"),
         function="apply_spatial_dropout",
     )
+
+
+METHOD = Method("spatial", SpatialOptions, apply_spatial_dropout, check)

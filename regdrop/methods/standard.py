@@ -25,8 +25,8 @@ tensor formula (the fused kernel cannot leave survivors unscaled).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,9 @@ from regdrop.methods.base import (
     keep_mask,
     normalise_sites,
 )
+from regdrop.methods.method import Method
 
-__all__ = ["SCALINGS", "StandardDropout", "apply_standard_dropout", "dropout"]
+__all__ = ["METHOD", "SCALINGS", "StandardDropout", "StandardOptions", "apply_standard_dropout", "dropout"]
 
 Scaling = Literal["inverted", "test_time"]
 SCALINGS = ("inverted", "test_time")
@@ -114,33 +115,42 @@ class StandardDropout(DropModule):
         return f"{self.rate_repr()}, kind={self.kind!r}, scaling={self.scaling!r}"
 
 
-def check_options(*, p: float = 0.5, sites: Iterable[str] = ("fc", "token", "attn"),
-                  scaling: Scaling = "inverted") -> None:
-    """Raise `ValueError` (starting with the option's name) for a bad `apply_standard_dropout`
-    option; needs no model."""
-    check_rate(p, "p")
-    normalise_sites(sites)
-    check_choice(scaling, "scaling", SCALINGS)
+@dataclass
+class StandardOptions:
+    """The options of standard dropout (the keys of ``conf/dropout/standard.yaml``)."""
+
+    p: float | None = 0.5  # null in a config: the model's recommendation (Liu et al.'s rates)
+    sites: list[str] = field(default_factory=lambda: ["fc", "token", "attn"])
+    scaling: str = "inverted"
 
 
-def apply_standard_dropout(
-    model: nn.Module, *, p: float = 0.5, sites: Iterable[str] = ("fc", "token", "attn"),
-    scaling: Scaling = "inverted",
-) -> SurgeryReport:
+def check(options: StandardOptions) -> None:
+    """Raise `ValueError` (starting with the option's name) for a bad option; needs no model."""
+    check_rate(options.p, "p")
+    normalise_sites(options.sites)
+    check_choice(options.scaling, "scaling", SCALINGS)
+
+
+def apply_standard_dropout(model: nn.Module, **options: Any) -> SurgeryReport:
     """Put a `StandardDropout(p, scaling=scaling)` at every drop site of ``model`` whose kind
-    is in ``sites``.
+    is in ``sites`` (`StandardOptions`: ``p=0.5, sites=("fc", "token", "attn"),
+    scaling="inverted"``).
 
     Sites are `DropSite` placeholders and plain torch dropout modules (see `find_sites`).
     A model that already has standard dropout is refused (`refuse_reapply`). ``p = 0.5`` is
     the paper's value for hidden fully connected layers; ``scaling="test_time"`` is the
     paper's original form (see the module docstring).
     """
-    check_options(p=p, sites=sites, scaling=scaling)
+    chosen = StandardOptions(**options)
+    check(chosen)
     return fill_sites(
         model,
-        normalise_sites(sites),
-        lambda kind, _site: StandardDropout(p, kind=kind, scaling=scaling),
+        normalise_sites(chosen.sites),
+        lambda kind, _site: StandardDropout(chosen.p, kind=kind, scaling=chosen.scaling),
         layer_type=StandardDropout,
         report=SurgeryReport("standard"),
         function="apply_standard_dropout",
     )
+
+
+METHOD = Method("standard", StandardOptions, apply_standard_dropout, check, recommendable=frozenset({"p"}))

@@ -55,6 +55,8 @@ recomputation, so do not combine block mode with it.
 from __future__ import annotations
 
 import itertools
+import warnings
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -78,6 +80,7 @@ from regdrop.methods.base import (
     refuse_reapply,
     replace_module,
 )
+from regdrop.methods.method import Method
 
 Mode = Literal["block", "sample"]
 Scaling = Literal["inverted", "test_time"]
@@ -446,46 +449,51 @@ SUPPORTED_BLOCKS = (
 )
 
 
-def check_options(
-    *,
-    drop_rate: float = 0.1,
-    mode: Mode = "block",
-    distribution: Distribution = "linear",
-    scaling: Scaling = "inverted",
-    seed: int = 0,
-) -> None:
-    """Raise `ValueError` (starting with the option's name) for a bad
-    `apply_stochastic_depth` option; needs no model."""
-    check_rate(drop_rate, "drop_rate")
-    check_choice(mode, "mode", MODES)
-    check_choice(distribution, "distribution", DISTRIBUTIONS)
-    check_choice(scaling, "scaling", SCALINGS)
-    check_int(seed, "seed")
+@dataclass
+class StochasticDepthOptions:
+    """The options of stochastic depth (the keys of ``conf/dropout/stochastic_depth.yaml``).
+
+    ``drop_rate`` is the old name of ``p``, kept as a deprecated alias (null: not given).
+    """
+
+    p: float | None = 0.1  # null in a config: the model's recommendation (Liu et al.'s rates)
+    mode: str = "block"
+    distribution: str = "linear"
+    scaling: str = "inverted"
+    seed: int | None = None  # null: the run's seed (0 in the functional API)
+    drop_rate: float | None = None
 
 
-def apply_stochastic_depth(
-    model: nn.Module,
-    *,
-    drop_rate: float = 0.1,
-    mode: Mode = "block",
-    distribution: Distribution = "linear",
-    scaling: Scaling = "inverted",
-    seed: int = 0,
-) -> SurgeryReport:
-    """Wrap every supported residual block of ``model`` with stochastic-depth gates, in place.
+def check(options: StochasticDepthOptions) -> None:
+    """Raise `ValueError` (starting with the option's name) for a bad option; needs no model."""
+    check_rate(options.p, "p")
+    check_choice(options.mode, "mode", MODES)
+    check_choice(options.distribution, "distribution", DISTRIBUTIONS)
+    check_choice(options.scaling, "scaling", SCALINGS)
+    if options.seed is not None:
+        check_int(options.seed, "seed")
 
-    ``drop_rate`` is the rate of the deepest block (``distribution="linear"``, block ``l``
-    of ``L`` gets ``(l / L) * drop_rate``; ``"linspace"``, timm's and the early-dropout
-    code's ``linspace(0, drop_rate, L)``) or of every block (``"uniform"``). Huang et al.
-    use block mode with ``drop_rate=0.5``, linear, on CIFAR ResNets; Composer's card
+
+def apply_stochastic_depth(model: nn.Module, **options: Any) -> SurgeryReport:
+    """Wrap every supported residual block of ``model`` with stochastic-depth gates, in place
+    (`StochasticDepthOptions`: ``p=0.1, mode="block", distribution="linear",
+    scaling="inverted", seed=0``).
+
+    ``p`` is the rate of the deepest block (``distribution="linear"``, block ``l``
+    of ``L`` gets ``(l / L) * p``; ``"linspace"``, timm's and the early-dropout
+    code's ``linspace(0, p, L)``) or of every block (``"uniform"``). Huang et al.
+    use block mode with ``p=0.5``, linear, on CIFAR ResNets; Composer's card
     suggests 0.1, linear, for ResNet-50/101 on ImageNet; Liu et al. use sample mode,
     linspace (0.5 for early s.d.). ``seed`` seeds the block-mode gate generators.
+    ``drop_rate``, the old name of ``p``, still works with a deprecation warning.
 
     Raises `MethodNotApplicable` if the model has no supported residual block; a model
     that already has stochastic depth is refused (`refuse_reapply`).
     """
-    check_options(drop_rate=drop_rate, mode=mode, distribution=distribution, scaling=scaling,
-                  seed=seed)
+    chosen = StochasticDepthOptions(**rename_drop_rate(options))
+    check(chosen)
+    drop_rate, mode, distribution, scaling = chosen.p, chosen.mode, chosen.distribution, chosen.scaling
+    seed = chosen.seed or 0
     refuse_reapply(model, StochasticDepthBlock, "apply_stochastic_depth")
 
     if type(model) in _WRAPPERS:
@@ -510,3 +518,18 @@ def apply_stochastic_depth(
         replace_module(model, name, wrapper)
         report.add(name, block, wrapper)
     return report
+
+
+def rename_drop_rate(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the deprecated ``drop_rate`` moved to ``p`` (one warning)."""
+    options = dict(options)
+    old = options.pop("drop_rate", None)
+    if old is not None:
+        warnings.warn("dropout.drop_rate is deprecated: it is stochastic depth's p, the name every "
+                      "method gives its rate; use dropout.p", FutureWarning, stacklevel=3)
+        options["p"] = old
+    return options
+
+
+METHOD = Method("stochastic_depth", StochasticDepthOptions, apply_stochastic_depth, check,
+                recommendable=frozenset({"p"}), aliases={"drop_rate": "p"})

@@ -1,29 +1,34 @@
-"""What every method shares: one re-apply policy, an options check that needs no model and
-agrees with the apply function, documented defaults, and a repr that shows the rate in force."""
+"""What every method shares: one declaration in the registry (options = config keys, checked
+by a schema the config file uses), one re-apply policy, a check that needs no model, and a
+repr that shows the rate in force; and everything that lists methods reads the registry."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import dataclasses
+import re
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from regdrop.data import DataInfo
 from regdrop.errors import ConfigError
 from regdrop.methods import (
-    METHODS,
+    REGISTRY,
     MethodAlreadyApplied,
     apply_method,
     begin_step,
     check_method,
     drop_modules,
-    method_function,
     setup_run,
 )
+from regdrop.methods.method import Method, schema_name
 from regdrop.models import build_model
-from tests.conftest import CONF
+from regdrop.runtime import Runtime
+from tests.conftest import CONF, ROOT, compose_config
+
+METHODS = list(REGISTRY)
 
 INFO = DataInfo("synthetic", 10, 3, 16, 64, 32)
 
@@ -38,17 +43,20 @@ def model_for(method: str) -> torch.nn.Module:
 
 
 def method_config(method: str, **extra) -> dict:
-    return {**OmegaConf.to_container(OmegaConf.load(CONF / "dropout" / f"{method}.yaml")), **extra}
+    """The method's config file as written (its schema's defaults list left out)."""
+    written = OmegaConf.to_container(OmegaConf.load(CONF / "dropout" / f"{method}.yaml"))
+    written.pop("defaults", None)
+    return {**written, **extra}
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", METHODS)
 def test_applying_a_method_twice_is_refused_and_leaves_the_model_as_it_was(method):
     model = model_for(method)
     apply_method(model, method_config(method), seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     modules = [type(m) for m in model.modules()]
     with pytest.raises(MethodAlreadyApplied, match="already has"):
-        method_function(method)(model)
+        REGISTRY[method].apply(model)
     with pytest.raises(ConfigError) as err:
         apply_method(model, method_config(method), seed=0)
     assert err.value.key == f"dropout={method}"
@@ -57,31 +65,77 @@ def test_applying_a_method_twice_is_refused_and_leaves_the_model_as_it_was(metho
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_check_options_takes_exactly_the_apply_functions_options_and_defaults(method):
-    module = importlib.import_module(f"regdrop.methods.{METHODS[method][0]}")
-    apply = inspect.signature(method_function(method)).parameters
-    check = inspect.signature(module.check_options).parameters
-    assert list(check) == [p for p in apply if p != "model"]
-    assert {k: p.default for k, p in check.items()} == {k: p.default for k, p in apply.items() if k != "model"}
+def disagreements(declared: Method, written: dict) -> list[str]:
+    """Where a config file and its method's options disagree: a key, a default, a type."""
+    found = [f"key {key!r} not in the file" for key in declared.option_keys() if key not in written]
+    found += [f"key {key!r} not an option" for key in written if key not in declared.option_keys()]
+    defaults = declared.defaults()
+    for key in set(written) & set(defaults):
+        if written[key] != defaults[key] or type(written[key]) is not type(defaults[key]):
+            found.append(f"{key}: file {written[key]!r}, options {defaults[key]!r}")
+    try:  # the types: the file's values go through the schema
+        OmegaConf.merge(OmegaConf.structured(declared.options), written)
+    except (ValidationError, ConfigKeyError) as err:
+        found.append(str(err).splitlines()[0])
+    return found
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_the_config_file_documents_the_functions_defaults(method):
-    # conf/dropout/<method>.yaml is the documented default; the functional API must agree,
-    # except seeds (null = the run's seed) and values a model recommends (null).
-    apply = inspect.signature(method_function(method)).parameters
-    for key, value in method_config(method).items():
-        if key == "name" or value is None:
-            continue
-        default = apply[key].default
-        assert value == (list(default) if isinstance(default, tuple) else default), key
+@pytest.mark.parametrize("method", METHODS)
+def test_the_config_file_is_the_methods_options_with_their_defaults_and_uses_the_schema(method):
+    written = OmegaConf.to_container(OmegaConf.load(CONF / "dropout" / f"{method}.yaml"))
+    assert written.pop("defaults") == [schema_name(method), "_self_"]
+    assert written.pop("name") == method
+    assert disagreements(REGISTRY[method], written) == []
+
+
+@pytest.mark.parametrize("change", [
+    lambda w: w.pop("p"),  # a key missing
+    lambda w: w.update(typo=1),  # a key that is no option
+    lambda w: w.update(p=0.25),  # another default
+    lambda w: w.update(sites="fc"),  # another type
+])
+def test_a_config_file_that_disagrees_with_its_options_is_found(change):
+    written = method_config("standard")
+    written.pop("name")
+    change(written)
+    assert disagreements(REGISTRY["standard"], written)
+
+
+def test_a_composed_config_is_typed_by_the_schema(tmp_path):
+    with pytest.raises(Exception, match="dropout.samples"):
+        compose_config(["dropout=multisample", "dropout.samples=two"], tmp_path)
+    cfg = compose_config(["dropout=gyro", "dropout.p=1"], tmp_path)
+    assert isinstance(cfg.dropout.p, float)
+
+
+def test_stochastic_depths_old_drop_rate_is_an_alias_of_p_with_a_warning():
+    with pytest.warns(FutureWarning, match="drop_rate is deprecated"):
+        report = apply_method(tiny("resnet18"), method_config("stochastic_depth", drop_rate=0.3), seed=0)
+    assert report.options["p"] == 0.3 and "drop_rate" not in report.options
+
+
+def test_the_docs_method_table_lists_every_registered_method():
+    text = (ROOT / "docs" / "methods.md").read_text()
+    rows = set(re.findall(r"^\| `(\w+)` \|", text, re.M))
+    assert rows == {"none", *REGISTRY}
+
+
+def test_the_benchmark_reads_the_registry(monkeypatch):
+    from regdrop.bench.steps import ModelCase, step_comparisons
+    from regdrop.methods.standard import METHOD as standard
+
+    monkeypatch.setitem(REGISTRY, "dummy", dataclasses.replace(standard, name="dummy"))
+    case = ModelCase("lenet", 1, 28, 8, {"width": 0.125})
+    (comparison,), notes = step_comparisons([case], Runtime(torch.device("cpu"), None),
+                                            repeats=1, warmup=0, min_time_s=0.0)
+    assert "dummy" in comparison.timings and "standard" in comparison.timings, notes
 
 
 @pytest.mark.parametrize("method, key, value", [
     ("standard", "p", 1.0), ("spatial", "sites", ["fc"]), ("gyro", "tau", 0),
     ("gyro", "scaling", "average"), ("dropconnect", "per", "row"), ("multisample", "samples", 0),
-    ("stochastic_depth", "mode", "layer"), ("gyro", "p", None), ("gyro", "with_replacement", "yes"),
+    ("stochastic_depth", "mode", "layer"), ("gyro", "p", None), ("gyro", "with_replacement", "maybe"),
+    ("standard", "p", "abc"), ("gyro", "sigma", 1.5), ("standard", "typo", 1),
 ])
 def test_check_method_names_the_key_without_a_model(method, key, value):
     with pytest.raises(ConfigError) as err:
@@ -103,7 +157,7 @@ def test_gyro_takes_the_models_recommended_sigma_and_tau_unless_set():
     assert layers and all((m.sigma, m.tau) == (1024, 8) for m in layers)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", METHODS)
 def test_repr_shows_the_peak_and_the_rate_in_force(method):
     model = model_for(method)
     apply_method(model, method_config(method), seed=0)

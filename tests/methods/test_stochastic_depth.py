@@ -101,7 +101,7 @@ def test_swin_femto_gates_get_the_official_linspace_rates(mode):
         model = MODELS["swin_femto"](info)
         official = SwinTransformer(embed_dim=40, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16),
                                    drop_path_rate=0.5)
-    report = apply_stochastic_depth(model, drop_rate=0.5, mode=mode, distribution="linspace")
+    report = apply_stochastic_depth(model, p=0.5, mode=mode, distribution="linspace")
     assert report.counts() == {"SwinTransformerBlock -> StochasticDepthSwinBlock": 12}
     expected = [x.item() for x in torch.linspace(0, 0.5, 12)]
     ours = [g.peak for g in gates(model)]
@@ -116,7 +116,7 @@ def test_convnext_femto_gates_get_the_official_linspace_rates(mode):
     with torch.device("meta"):
         model = MODELS["convnext_femto"](info)
         official = convnext_femto(pretrained=False, drop_path_rate=0.5)
-    report = apply_stochastic_depth(model, drop_rate=0.5, mode=mode, distribution="linspace")
+    report = apply_stochastic_depth(model, p=0.5, mode=mode, distribution="linspace")
     assert report.counts() == {"ConvNeXtBlock -> StochasticDepthConvNeXtBlock": 12}
     expected = [x.item() for x in torch.linspace(0, 0.5, 12)]
     assert [g.peak for g in gates(model)] == expected == [0.0, *_official_rates(official)]
@@ -124,7 +124,7 @@ def test_convnext_femto_gates_get_the_official_linspace_rates(mode):
 
 def test_resnet18_gates_follow_linear_rule_in_module_order():
     model = torchvision.models.resnet18(num_classes=10)
-    report = apply_stochastic_depth(model, drop_rate=0.5)
+    report = apply_stochastic_depth(model, p=0.5)
     assert report.counts() == {"BasicBlock -> StochasticDepthBasicBlock": 8}
     expected = [0.5 * block / 8 for block in range(1, 9)]
     assert [g.peak for g in gates(model)] == pytest.approx(expected)
@@ -133,17 +133,17 @@ def test_resnet18_gates_follow_linear_rule_in_module_order():
 
 def test_vit_branches_share_their_block_rate():
     model = tiny_vit(depth=4)
-    apply_stochastic_depth(model, drop_rate=0.4)
+    apply_stochastic_depth(model, p=0.4)
     peaks = [g.peak for g in gates(model)]
     assert peaks == pytest.approx([0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.4])
 
 
 def test_uniform_distribution_and_schedule_factor_scales_the_profile():
     model = tiny_mixer()
-    apply_stochastic_depth(model, drop_rate=0.3, distribution="uniform")
+    apply_stochastic_depth(model, p=0.3, distribution="uniform")
     assert [g.peak for g in gates(model)] == pytest.approx([0.3] * 4)
     model = tiny_vit(depth=2)
-    apply_stochastic_depth(model, drop_rate=0.4)
+    apply_stochastic_depth(model, p=0.4)
     set_rate_factor(model, 0.5)
     assert [float(g.rate) for g in gates(model)] == pytest.approx([0.1, 0.1, 0.2, 0.2])
 
@@ -155,7 +155,7 @@ def test_block_mode_never_computes_a_dropped_branch_and_drops_binomially():
     torch.manual_seed(0)
     downsample = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
     model = nn.Sequential(BasicBlock(4, 8, stride=2, downsample=downsample))
-    apply_stochastic_depth(model, drop_rate=0.5, distribution="uniform", seed=3)
+    apply_stochastic_depth(model, p=0.5, distribution="uniform", seed=3)
     block = model[0]
     branch_calls = [CallCounter(block.conv1), CallCounter(block.bn1), CallCounter(block.conv2),
                     CallCounter(block.bn2)]
@@ -179,7 +179,7 @@ def test_block_mode_never_computes_a_dropped_branch_and_drops_binomially():
 def test_block_mode_scales_kept_branch_inverted_and_keeps_input_intact():
     torch.manual_seed(0)
     model = nn.Sequential(BasicBlock(4, 4))
-    apply_stochastic_depth(model, drop_rate=0.25, distribution="uniform", seed=1)
+    apply_stochastic_depth(model, p=0.25, distribution="uniform", seed=1)
     block = model[0]
     x = torch.relu(torch.randn(2, 4, 5, 5)).requires_grad_()
     x_before = x.detach().clone()
@@ -201,7 +201,7 @@ def test_block_mode_scales_kept_branch_inverted_and_keeps_input_intact():
 def test_vit_block_mode_gates_attention_and_mlp_independently():
     torch.manual_seed(0)
     model = tiny_vit(depth=1)
-    apply_stochastic_depth(model, drop_rate=0.5, seed=7)  # one block: rate 0.5
+    apply_stochastic_depth(model, p=0.5, seed=7)  # one block: rate 0.5
     block = model.blocks[0]
     attn_calls, mlp_calls = CallCounter(block.attn), CallCounter(block.mlp)
     n, both_dropped = 300, 0
@@ -218,7 +218,7 @@ def test_vit_block_mode_gates_attention_and_mlp_independently():
 
 def test_mixer_block_mode_gates_token_and_channel_branches():
     model = tiny_mixer()
-    apply_stochastic_depth(model, drop_rate=0.6, distribution="uniform", seed=5)
+    apply_stochastic_depth(model, p=0.6, distribution="uniform", seed=5)
     block = model.blocks[0]
     tok, chan = CallCounter(block.mlp_tokens), CallCounter(block.mlp_channels)
     n = 200
@@ -231,7 +231,7 @@ def test_mixer_block_mode_gates_token_and_channel_branches():
 
 def test_swin_block_mode_gates_attention_and_mlp_independently():
     model = tiny_swin()
-    apply_stochastic_depth(model, drop_rate=0.5, distribution="uniform", seed=11)
+    apply_stochastic_depth(model, p=0.5, distribution="uniform", seed=11)
     block = model.layers[0].blocks[1]
     assert isinstance(block, StochasticDepthSwinBlock) and block.shift_size == (2, 2)
     attn_calls, mlp_calls = CallCounter(block.attn), CallCounter(block.mlp)
@@ -251,7 +251,7 @@ def test_swin_branches_are_timms_scaled_when_kept_and_skipped_when_dropped():
     torch.manual_seed(0)
     original = tiny_swin()
     model = copy.deepcopy(original)
-    apply_stochastic_depth(model, drop_rate=0.3, distribution="uniform", seed=2)
+    apply_stochastic_depth(model, p=0.3, distribution="uniform", seed=2)
     block, ref = model.layers[0].blocks[1], original.layers[0].blocks[1]  # shifted windows
     x = torch.randn(2, 8, 8, 16)
     seen = set()
@@ -275,7 +275,7 @@ def test_swin_wrapper_keeps_timms_mask_buffer_and_follows_a_new_input_size():
     torch.manual_seed(0)
     original = tiny_swin()
     model = copy.deepcopy(original)
-    apply_stochastic_depth(model, drop_rate=0.5, mode="sample")
+    apply_stochastic_depth(model, p=0.5, mode="sample")
     added = set(model.state_dict()) - set(original.state_dict())
     assert added and all(".gate_" in key for key in added)  # no mask buffer saved
     block = model.layers[0].blocks[1]
@@ -292,7 +292,7 @@ def test_convnext_block_mode_skips_the_branch_and_scales_the_kept_one():
     torch.manual_seed(0)
     original = tiny_convnext()
     model = copy.deepcopy(original)
-    apply_stochastic_depth(model, drop_rate=0.4, distribution="uniform", seed=3)
+    apply_stochastic_depth(model, p=0.4, distribution="uniform", seed=3)
     block, ref = model.stages[1].blocks[0], original.stages[1].blocks[0]
     assert isinstance(block, StochasticDepthConvNeXtBlock)
     assert block.gamma is model.stages[1].blocks[0].gamma and block.gamma is not None
@@ -317,7 +317,7 @@ def test_convnext_without_layer_scale():
     model = convnext_femto(pretrained=False, num_classes=10, dims=(8, 16, 24, 32),
                            depths=(1, 1, 1, 1), patch_size=1, ls_init_value=None)
     reference = copy.deepcopy(model).eval()
-    apply_stochastic_depth(model, drop_rate=0.5, mode="sample")
+    apply_stochastic_depth(model, p=0.5, mode="sample")
     assert model.stages[0].blocks[0].gamma is None
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(model.eval()(x), reference(x), rtol=0, atol=0)
@@ -326,8 +326,8 @@ def test_convnext_without_layer_scale():
 def test_state_dict_round_trip_reproduces_gates():
     base = torchvision.models.resnet18(num_classes=10)
     first, second = copy.deepcopy(base), copy.deepcopy(base)
-    apply_stochastic_depth(first, drop_rate=0.5, seed=1)
-    apply_stochastic_depth(second, drop_rate=0.5, seed=99)
+    apply_stochastic_depth(first, p=0.5, seed=1)
+    apply_stochastic_depth(second, p=0.5, seed=99)
     for _ in range(5):
         for gate in gates(first):
             gate.keep()
@@ -358,7 +358,7 @@ def test_cached_rate_follows_schedule_load_and_moves():
 def test_same_seed_same_gates_and_gates_differ_between_blocks():
     models = [tiny_vit(depth=3) for _ in range(2)]
     for model in models:
-        apply_stochastic_depth(model, drop_rate=0.9, distribution="uniform", seed=4)
+        apply_stochastic_depth(model, p=0.9, distribution="uniform", seed=4)
     draws = [[[g.keep() for _ in range(40)] for g in gates(m)] for m in models]
     assert draws[0] == draws[1]
     assert len({tuple(d) for d in draws[0]}) == len(draws[0])
@@ -398,7 +398,7 @@ def test_sample_mode_matches_torchvision_row_statistics():
 def test_sample_mode_in_a_block_drops_whole_samples_of_the_branch():
     torch.manual_seed(0)
     model = nn.Sequential(BasicBlock(4, 4))
-    apply_stochastic_depth(model, drop_rate=0.5, mode="sample", distribution="uniform")
+    apply_stochastic_depth(model, p=0.5, mode="sample", distribution="uniform")
     block = model[0]
     x = torch.relu(torch.randn(64, 4, 3, 3))
     out = block(x)
@@ -431,7 +431,7 @@ def test_forward_backward_and_eval_equals_original_blocks(build, shape, mode):
     torch.manual_seed(0)
     original = build()
     model = copy.deepcopy(original)
-    report = apply_stochastic_depth(model, drop_rate=0.5, mode=mode)
+    report = apply_stochastic_depth(model, p=0.5, mode=mode)
     assert len(report) > 0
     x = torch.randn(shape)
     model.train()
@@ -456,13 +456,13 @@ def test_rate_zero_is_the_original_block_in_training(mode):
     torch.manual_seed(0)
     original = torchvision.models.resnet18(num_classes=10)
     model = copy.deepcopy(original)
-    apply_stochastic_depth(model, drop_rate=0.0, mode=mode)
+    apply_stochastic_depth(model, p=0.0, mode=mode)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
     for build in (tiny_vit, tiny_swin, tiny_convnext):
         net = build()
         ref = copy.deepcopy(net)
-        apply_stochastic_depth(net, drop_rate=0.5, mode=mode, distribution="linspace")
+        apply_stochastic_depth(net, p=0.5, mode=mode, distribution="linspace")
         set_rate_factor(net, 0.0)
         x = torch.randn(2, 3, 16, 16)
         torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
@@ -471,7 +471,7 @@ def test_rate_zero_is_the_original_block_in_training(mode):
 def test_test_time_scaling_multiplies_the_branch_at_eval_only():
     torch.manual_seed(0)
     model = nn.Sequential(BasicBlock(4, 4))
-    apply_stochastic_depth(model, drop_rate=0.4, distribution="uniform", scaling="test_time")
+    apply_stochastic_depth(model, p=0.4, distribution="uniform", scaling="test_time")
     block = model[0].eval()
     x = torch.relu(torch.randn(2, 4, 5, 5))
     with torch.no_grad():
@@ -495,7 +495,7 @@ def test_model_without_residual_blocks_is_not_applicable():
 
 
 @pytest.mark.parametrize("kwargs,name", [
-    ({"drop_rate": 1.0}, "drop_rate"), ({"mode": "batch"}, "mode"),
+    ({"p": 1.0}, "p"), ({"mode": "batch"}, "mode"),
     ({"distribution": "cosine"}, "distribution"), ({"scaling": "none"}, "scaling"),
     ({"seed": 1.5}, "seed"),
 ])
@@ -506,7 +506,7 @@ def test_bad_hyper_parameters_name_themselves(kwargs, name):
 
 def test_gate_is_a_drop_module_with_full_repr():
     model = nn.Sequential(BasicBlock(4, 4))
-    apply_stochastic_depth(model, drop_rate=0.2, mode="sample", scaling="test_time", seed=3)
+    apply_stochastic_depth(model, p=0.2, mode="sample", scaling="test_time", seed=3)
     assert isinstance(model[0], StochasticDepthBasicBlock)
     gate = model[0].gate
     assert isinstance(gate, DropModule)
