@@ -10,7 +10,8 @@
 # TABLE: gyro | multisample | stochastic_depth | early_dropout | dropout_variants: the
 # sweep of conf/experiment/mini_TABLE.yaml (its grid is the file's hydra.sweeper.params),
 # run in outputs/mini/TABLE/ (--runs), reported in docs/results/TABLE/ (--out). OVERRIDEs
-# (Hydra's, e.g. trainer=smoke for a quick check) go to every job; SEEDS=0,1,2 (default)
+# (Hydra's, e.g. trainer=smoke for a quick check) go to every job; SEEDS=0,1,2,3,4 (default,
+# the tables' five seeds)
 # sets the seeds. Running it again skips the finished jobs (run folders are keyed by
 # config), resumes unfinished ones and rewrites the report. --dry-run prints the sweep's
 # command and runs nothing.
@@ -18,7 +19,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-SEEDS=${SEEDS:-0,1,2}
+SEEDS=${SEEDS:-0,1,2,3,4}
 TABLES="gyro multisample stochastic_depth early_dropout dropout_variants"
 
 usage() {

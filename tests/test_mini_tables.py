@@ -36,7 +36,7 @@ from tests.conftest import CONF, FASHION_MNIST_INSTALLED, ROOT
 SCRIPT = ROOT / "scripts" / "mini_table.sh"
 TABLES = ["gyro", "multisample", "stochastic_depth", "early_dropout", "dropout_variants"]
 # Jobs per table at one seed: the rows (and columns) the report must show.
-CELLS = {"gyro": 5, "multisample": 4, "stochastic_depth": 3, "early_dropout": 7,
+CELLS = {"gyro": 4, "multisample": 5, "stochastic_depth": 3, "early_dropout": 8,
          "dropout_variants": 9}
 
 
@@ -104,7 +104,7 @@ SMOKE = ["trainer=smoke", "trainer.device=cpu", "trainer.epochs=1", "data.batch_
 
 
 # The job each table runs at smoke size: the one furthest from plain training.
-SMOKE_ROW = {"gyro": "experiment/mini_rows=gyro_s64_t4", "multisample": "dropout.samples=8",
+SMOKE_ROW = {"gyro": "experiment/mini_rows=gyro_s256_t4", "multisample": "experiment/mini_rows=ms_m8",
              "stochastic_depth": "experiment/mini_rows=sd_block",
              "early_dropout": "experiment/mini_rows=liu_early_dropout",
              "dropout_variants": "experiment/mini_rows=var_cuda_convnet_dropconnect"}

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra.errors import ConfigCompositionException
 
 from regdrop.errors import ConfigError
 from regdrop.train import train
@@ -152,7 +153,6 @@ def test_same_seed_same_run_and_another_seed_another(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["dropout.p=abc"], "dropout.p"),
     (["data.batch_size=abc"], "data.batch_size"),
     (["data.noise=abc"], "data.noise"),
     (["trainer.grad_clip=abc"], "trainer.grad_clip"),
@@ -166,6 +166,12 @@ def test_wrongly_typed_values_and_stray_keys_are_config_errors(make_config, over
     with pytest.raises(ConfigError) as err:
         train(make_config(*TINY_MODELS["lenet"], *overrides))
     assert err.value.key == key
+
+
+def test_a_wrongly_typed_method_option_is_refused_when_the_config_is_composed(make_config):
+    # A method's options are the schema of its conf/dropout file: OmegaConf checks the type.
+    with pytest.raises(ConfigCompositionException, match="dropout.p"):
+        make_config(*TINY_MODELS["lenet"], "dropout.p=abc")
 
 
 def test_lr_milestones_must_be_numbers(make_config):
