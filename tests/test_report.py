@@ -618,3 +618,17 @@ def test_a_read_only_sweep_folder_is_one_paragraph_suggesting_out(tmp_path, monk
     assert main([str(root), "--no-figures", "--out", str(tmp_path / "elsewhere")]) == 0
     assert (tmp_path / "elsewhere" / "report.json").exists()
     assert (root / "report.md").read_text() == "an earlier report\n"
+
+
+def test_a_gap_record_of_a_resumed_run_is_not_an_unreadable_line(tmp_path):
+    # A resume whose checkpoint covered more than metrics.jsonl held marks the lost steps
+    # with a gap record (no "step" key): the report skips it instead of counting it as bad.
+    log = tmp_path / "metrics.jsonl"
+    lines = [{"step": 0, "epoch": 1, "train/loss": 2.3, "train/acc": 0.1},
+             {"gap": {"from_step": 1, "to_step": 4}, "missing_bytes": 300},
+             {"step": 5, "epoch": 1, "train/loss": 2.1, "train/acc": 0.2},
+             "{torn"]
+    log.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    train, evals, bad = read_metrics_log(log)
+    assert [r["step"] for r in train] == [0, 5] and evals == []
+    assert bad == 1  # the torn line only

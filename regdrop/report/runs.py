@@ -167,6 +167,8 @@ def read_metrics_log(path: Path) -> tuple[list[dict], list[dict], int]:
                 continue
             try:
                 record = json.loads(line)
+                if isinstance(record, dict) and "gap" in record:
+                    continue  # steps a crash lost, marked by the resume (metrics.json's metrics_gaps)
                 step = record["step"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 bad += 1
@@ -348,6 +350,8 @@ def load_job(path: Path, *, stale_s: float = DEFAULT_STALE_S) -> Job:
             notes.append(_unreadable(path / "metrics.jsonl", err))
         if bad:
             notes.append(f"{bad} unreadable line(s) in metrics.jsonl")
+    if job.summary and job.summary.get("metrics_gaps"):
+        notes.append(f"metrics.jsonl lacks the steps a crash lost: {job.summary['metrics_gaps']}")
     run_info, note = _read_json(path / "run.json")
     job.run_info = run_info if isinstance(run_info, dict) else None
     notes.append(note)
