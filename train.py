@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from regdrop.cli import help_text, jobs_started, run
-from regdrop.runfolder import register_resolvers
+from regdrop.identity import register_resolvers
 
 # Run folders and data live under the project root, wherever train.py is called from.
 os.environ.setdefault("REGDROP_ROOT", str(Path(__file__).resolve().parent))

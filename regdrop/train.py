@@ -32,6 +32,7 @@ from regdrop.config import validate
 from regdrop.data import build_data, set_epoch
 from regdrop.diagnostics import Diagnostics, train_test_gap
 from regdrop.errors import ConfigError
+from regdrop.identity import config_hash
 from regdrop.losses import build_loss, describe_loss, hard_labels
 from regdrop.methods import (
     apply_method,
@@ -47,7 +48,7 @@ from regdrop.models import build_model
 from regdrop.optim import build_lr_schedule, build_optimizer, describe_optimizer
 from regdrop.plots import plot_schedules
 from regdrop.preemption import Preemption
-from regdrop.runfolder import RunFolder, config_hash
+from regdrop.runfolder import RunFolder
 from regdrop.runtime import Runtime, setup_runtime
 from regdrop.schedules import DropSchedule, steps_per_epoch
 from regdrop.tracking import RunTracker, StepLog

@@ -74,8 +74,8 @@ class RunLabels:
 def run_labels(cfg: DictConfig) -> RunLabels:
     """The group, name, job type, tags and swept-key columns of the run of ``cfg``, from
     Hydra's record of the job (a run composed without Hydra is a single run)."""
+    from regdrop.identity import run_name
     from regdrop.report.runs import Job, format_value, ignored_key, override_key, parse_overrides
-    from regdrop.runfolder import run_name
 
     hydra = _hydra_config()
     task = [str(o) for o in hydra.overrides.task] if hydra is not None else []
@@ -167,7 +167,7 @@ def log_checkpoints(run, cfg: DictConfig, checkpoints: dict[str, Path], step: in
     ``checkpoint-<kind>-<config hash>``, with the config hash, the kind and the step as metadata."""
     import wandb
 
-    from regdrop.runfolder import config_hash
+    from regdrop.identity import config_hash
 
     wanted = cfg.logger.get("log_checkpoints", "none")
     kinds = ("best", "last") if wanted == "all" else (() if wanted == "none" else (wanted,))
