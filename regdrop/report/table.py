@@ -529,19 +529,26 @@ def _order(layout: Layout) -> None:
                            [c for cols in reference.values() for c in cols])
 
 
+def _without_seed(overrides: Mapping[str, str]) -> dict[str, str]:
+    """A job's result overrides but the seed: what the jobs of one cell share."""
+    return {k: v for k, v in result_overrides(overrides).items() if k != "seed"}
+
+
+def _cell_with(layout: Layout, wanted: Mapping[str, str]) -> Cell | None:
+    """The cell holding a job whose overrides but the seed are ``wanted``, if any."""
+    return next((c for c in layout.cells.values()
+                 if any(_without_seed(job.overrides) == wanted for job in c.jobs)), None)
+
+
 def place_missing(layout: Layout, missing: Sequence[ExpectedJob]) -> list[ExpectedJob]:
     """Put each expected job that has no folder into its cell (``Cell.missing``): the cell
     of a job with the same overrides but the seed, or, when every row and column key is an
     override of the expected job, the cell those values name (created if no job has it).
     Returns the ones that could not be placed."""
-    def comparable(overrides: Mapping[str, str]) -> dict[str, str]:
-        return {k: v for k, v in result_overrides(overrides).items() if k != "seed"}
-
     unplaced = []
     for expected in missing:
-        wanted = comparable(expected.overrides)
-        cell = next((c for c in layout.cells.values()
-                     if any(comparable(job.overrides) == wanted for job in c.jobs)), None)
+        wanted = _without_seed(expected.overrides)
+        cell = _cell_with(layout, wanted)
         keys = layout.row_keys + layout.extra_keys + layout.column_keys
         if cell is None and all(k in wanted for k in keys):
             row_parts = [wanted[k] for k in layout.row_keys]
@@ -561,14 +568,9 @@ def place_jobs(layout: Layout, jobs: Sequence[Job]) -> list[Job]:
     """Put each job whose config could not be read into the cell of a job with the same
     overrides but the seed (it is then named there, not counted). Returns the ones that
     match no cell."""
-    def comparable(overrides: Mapping[str, str]) -> dict[str, str]:
-        return {k: v for k, v in result_overrides(overrides).items() if k != "seed"}
-
     unplaced = []
     for job in jobs:
-        wanted = comparable(job.overrides)
-        cell = next((c for c in layout.cells.values()
-                     if any(comparable(other.overrides) == wanted for other in c.jobs)), None)
+        cell = _cell_with(layout, _without_seed(job.overrides))
         if cell is None or not job.overrides:
             unplaced.append(job)
         else:
