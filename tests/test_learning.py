@@ -29,8 +29,9 @@ from pathlib import Path
 
 import pytest
 
+from regdrop.methods import REGISTRY
 from regdrop.train import train
-from tests.conftest import FASHION_MNIST_INSTALLED, compose_config
+from tests.conftest import FASHION_MNIST_INSTALLED, TINY_MODELS, compose_config
 
 STEPS = 200  # 2 epochs of 100 batches of 32
 DATA = (["data=fashion_mnist", "data.subset=3200"] if FASHION_MNIST_INSTALLED else
@@ -55,6 +56,14 @@ METHODS = {
     "stochastic_depth_sample": ([*VIT, "dropout=stochastic_depth", "dropout.mode=sample",
                                  "dropout.drop_rate=0.2"], 0.45, 0.8),
 }
+# Every registered method named nowhere above, at its config file's values on its declared
+# example model (the default model when that is LeNet): a new method is tested without a line
+# here, against the residual networks' looser bounds.
+EXAMPLES = {"lenet": [], "vit_tiny": VIT}
+METHODS.update({name: ([*EXAMPLES.get(method.example_model, TINY_MODELS[method.example_model]), f"dropout={name}"],
+                       0.45, 0.8)
+                for name, method in REGISTRY.items()
+                if not any(f"dropout={name}" in overrides for overrides, _, _ in METHODS.values())})
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import torch
 
 import regdrop.train
 from regdrop.checkpoint import BEST, CHECKPOINT, load_checkpoint
+from regdrop.methods import REGISTRY
 from regdrop.train import train
 from tests.conftest import TINY, TINY_MODELS, compose_config
 
@@ -54,6 +55,10 @@ CASES = {
     # the fp16 grad scaler's state (its growth tracker counts steps) rides in the checkpoint
     "fp16_scaler": [*TINY_MODELS["mlp"], "dropout=standard", "trainer.precision=fp16"],
 }
+# Every registered method the cases above leave out, on its declared example model at its
+# config file's values: a new method is covered without a line here.
+CASES.update({name: [*TINY_MODELS[method.example_model], f"dropout={name}"] for name, method in REGISTRY.items()
+              if not any(f"dropout={name}" in overrides for overrides in CASES.values())})
 TIMINGS = {"samples_per_s", "wall_time_s", "train_time_s", "wandb_run_id"}
 STATE_TIMINGS = {"train_time"}
 

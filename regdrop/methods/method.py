@@ -52,6 +52,9 @@ class Method:
     whose message starts with the option at fault, without a model. ``recommendable``
     names the options a model may recommend (``regdrop_method_defaults``): null in the
     config asks for the model's value. ``aliases`` maps a deprecated key to its new name.
+    ``example_model`` names a small built-in model (``conf/model/<name>.yaml``) the method
+    installs in: the tests (contract, exact resume, learning) and the benchmark run every
+    registered method on it, so a new method is covered without editing them.
     """
 
     name: str
@@ -60,6 +63,7 @@ class Method:
     check: Callable[..., Any]
     recommendable: frozenset[str] = frozenset()
     aliases: Mapping[str, str] = field(default_factory=dict)
+    example_model: str = "lenet"
     run_length: Callable[[Mapping[str, Any], RunFacts], list[str]] | None = None
     ensemble: Callable[[nn.Module, str], list] | None = None
     forward_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, Loss, dict],

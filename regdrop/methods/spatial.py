@@ -130,4 +130,4 @@ def apply_spatial_dropout(model: nn.Module, **options: Any) -> SurgeryReport:
     )
 
 
-METHOD = Method("spatial", SpatialOptions, apply_spatial_dropout, check)
+METHOD = Method("spatial", SpatialOptions, apply_spatial_dropout, check, example_model="resnet18")

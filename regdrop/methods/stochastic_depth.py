@@ -532,4 +532,4 @@ def rename_drop_rate(options: dict[str, Any]) -> dict[str, Any]:
 
 
 METHOD = Method("stochastic_depth", StochasticDepthOptions, apply_stochastic_depth, check,
-                recommendable=frozenset({"p"}), aliases={"drop_rate": "p"})
+                recommendable=frozenset({"p"}), aliases={"drop_rate": "p"}, example_model="resnet18")

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -26,7 +27,7 @@ from regdrop.methods import (
 from regdrop.methods.method import Method, schema_name
 from regdrop.models import build_model
 from regdrop.runtime import Runtime
-from tests.conftest import CONF, ROOT, compose_config
+from tests.conftest import CONF, ROOT, TINY_MODELS, compose_config
 
 METHODS = list(REGISTRY)
 
@@ -34,12 +35,17 @@ INFO = DataInfo("synthetic", 10, 3, 16, 64, 32)
 
 
 def tiny(name: str) -> torch.nn.Module:
-    cfg = {"resnet18": {"name": "resnet18", "width": 0.125}, "lenet": {"name": "lenet", "width": 0.125}}[name]
-    return build_model(OmegaConf.create(cfg), INFO)
+    """Model ``name`` at its config file's values and the tests' small overrides (TINY_MODELS)."""
+    cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    for override in TINY_MODELS[name]:
+        key, value = override.split("=", 1)
+        if key.startswith("model."):
+            OmegaConf.update(cfg, key.removeprefix("model."), yaml.safe_load(value))
+    return build_model(cfg, INFO)
 
 
 def model_for(method: str) -> torch.nn.Module:
-    return tiny("resnet18" if method in ("stochastic_depth", "spatial") else "lenet")
+    return tiny(REGISTRY[method].example_model)
 
 
 def method_config(method: str, **extra) -> dict:
