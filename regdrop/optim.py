@@ -10,7 +10,8 @@ Two rules of the papers' recipes live here:
 * No weight decay on norms, biases (every parameter of one dimension) and the parameters
   a timm model lists in its ``no_weight_decay()`` (ViT's position embedding and class
   token, Swin's relative position bias tables): the parameter groups of the early-dropout
-  code (``get_parameter_groups`` with the model's ``no_weight_decay`` skip list).
+  code (``get_parameter_groups`` with the model's ``no_weight_decay`` skip list), built by
+  timm's ``param_groups_weight_decay``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -107,32 +109,26 @@ def scaled_lr(cfg, global_batch: int | None) -> float:
     return cfg.lr * global_batch / reference
 
 
-def no_weight_decay_names(model: nn.Module) -> list[str]:
-    """The parameters that get no weight decay: those of one dimension (norms, biases) and
-    those the model's ``no_weight_decay()`` names (timm's models)."""
-    listed = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
-    return [name for name, param in model.named_parameters()
-            if param.requires_grad and (param.ndim <= 1 or name in listed)]
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """timm's `param_groups_weight_decay` with the model's own ``no_weight_decay()`` list:
+    no decay on one-dimensional parameters (norms, biases) and the listed ones. The group
+    with decay comes first, as in the checkpoints regdrop wrote before it used timm's
+    function, so that their optimizer state still loads (a weight decay of 0 makes one
+    group)."""
+    listed = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else ()
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=listed)
+    return sorted(groups, key=lambda group: group["weight_decay"] == 0.0)
 
 
 def build_optimizer(cfg, model: nn.Module, global_batch: int | None = None) -> torch.optim.Optimizer:
     """The optimizer of the config ``optim`` section at the scaled learning rate
-    (`scaled_lr`); no weight decay on `no_weight_decay_names`."""
+    (`scaled_lr`), with `parameter_groups`."""
     check_optim(cfg)
     cls, valid = _OPTIMIZERS[cfg.name]
     options = _options(cfg, "optim", valid | _OWN_KEYS)
     options.pop("reference_batch", None)
     options["lr"] = scaled_lr(cfg, global_batch)
-    skip = set(no_weight_decay_names(model))
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if name in skip else decay).append(param)
-    groups = [
-        {"params": decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return cls(groups, **options)
+    return cls(parameter_groups(model, options.get("weight_decay", 0.0)), **options)
 
 
 def describe_optimizer(cfg, global_batch: int, model: nn.Module | None = None) -> str:
