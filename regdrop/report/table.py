@@ -121,10 +121,6 @@ class TableSpec:
                     for c in data.get("claims") or []],
         )
 
-    @property
-    def is_accuracy(self) -> bool:
-        return self.metric in ACCURACY_METRICS
-
 
 def _plain(value: Any) -> Any:
     if isinstance(value, DictConfig | ListConfig):
