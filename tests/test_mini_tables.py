@@ -104,10 +104,10 @@ SMOKE = ["trainer=smoke", "trainer.device=cpu", "trainer.epochs=1", "data.batch_
 
 
 # The job each table runs at smoke size: the one furthest from plain training.
-SMOKE_ROW = {"gyro": "experiment/mini_rows=gyro_s256_t4", "multisample": "experiment/mini_rows=ms_m8",
-             "stochastic_depth": "experiment/mini_rows=sd_block",
-             "early_dropout": "experiment/mini_rows=liu_early_dropout",
-             "dropout_variants": "experiment/mini_rows=var_cuda_convnet_dropconnect"}
+SMOKE_ROW = {"gyro": "arm=gyro_s256_t4", "multisample": "arm=ms_m8",
+             "stochastic_depth": "arm=sd_block",
+             "early_dropout": "arm=mini_liu_early_dropout",
+             "dropout_variants": "arm=var_cuda_convnet_dropconnect"}
 
 
 def smoke_job(table: str) -> list[str]:
