@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One mini table of docs/results/, end to end: its whole grid (3 seeds), then its report
+# One mini table of docs/results/, end to end: its whole grid (5 seeds), then its report
 # (report.md, report.json, seeds.csv, figures/) and run_info.txt (the command, machine,
-# versions, date, wall time, git commit, the experiment file's sha256). When the experiment
-# file changed since the report in --out was made, that report is kept: moved to
-# --out/history/<date>-<first 8 hex of its experiment file's sha256>/ first.
+# versions, date, wall time, git commit, the sha256 of the setting: the experiment file and
+# its rows' files in conf/arm/). When the setting changed since the report in --out was
+# made, that report is kept: moved to --out/history/<date>-<first 8 hex of its sha256>/ first.
 #
 #   bash scripts/mini_table.sh TABLE [--dry-run] [--runs DIR] [--out DIR] [OVERRIDE ...]
 #
@@ -60,11 +60,17 @@ if $dry_run; then
 fi
 
 experiment_file=conf/experiment/mini_$table.yaml
-experiment_hash=$(sha256sum "$experiment_file" | cut -d' ' -f1)
+# The setting is the experiment file and the files of its rows (conf/arm/, swept as `arm:`):
+# a row changed in place is another setting too.
+setting_files=("$experiment_file")
+for row in $(sed -n 's/^ *arm: *//p' "$experiment_file" | head -n 1 | tr ',' ' '); do
+    setting_files+=("conf/arm/$row.yaml")
+done
+experiment_hash=$(cat "${setting_files[@]}" | sha256sum | cut -d' ' -f1)
 
 # Every run disclosed: a report of another setting of this table goes to history/, whole.
 if [ -f "$out/report.md" ]; then
-    previous=$(sed -n 's/^experiment file sha256: //p' "$out/run_info.txt" 2>/dev/null || true)
+    previous=$(sed -n 's/^\(setting\|experiment file\) sha256[^:]*: //p' "$out/run_info.txt" 2>/dev/null || true)
     if [ "$previous" != "$experiment_hash" ]; then
         made=$(sed -n 's/^date: \([0-9-]*\).*/\1/p' "$out/run_info.txt" 2>/dev/null || true)
         keep="$out/history/${made:-$(date -u +%Y-%m-%d)}-${previous:0:8}"
@@ -97,9 +103,9 @@ machine=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1)
     echo "versions: $("$PYTHON" -c 'import platform, torch, torchvision; print(f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}")')"
     echo "wall time of the sweep: ${elapsed} s (jobs an earlier call finished are skipped, not counted)"
     echo "exit status of the sweep: $status"
-    echo "git commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- "$experiment_file" 2>/dev/null || echo ' (the experiment file differs from it)')"
-    echo "experiment file: $experiment_file"
-    echo "experiment file sha256: $experiment_hash"
+    echo "git commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- "${setting_files[@]}" 2>/dev/null || echo ' (the setting files differ from it)')"
+    echo "setting files: ${setting_files[*]}"
+    echo "setting sha256 (the setting files, concatenated in that order): $experiment_hash"
 } > "$out/run_info.txt"
 cat "$out/run_info.txt"
 exit $status

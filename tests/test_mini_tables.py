@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
@@ -203,7 +204,7 @@ def test_every_number_of_the_results_pages_is_in_a_committed_report():
 
 def test_a_rerun_with_another_setting_keeps_the_earlier_report_in_history(tmp_path):
     """mini_table.sh moves the report of an earlier setting (another sha256 of the
-    experiment file in run_info.txt) to history/<date>-<hash>/ before writing the new one,
+    experiment file and its rows' files in run_info.txt) to history/<date>-<hash>/ before writing the new one,
     and records the commit and the hash. The sweep
     itself is stood in for (its jobs are written here): training is not what is tested."""
     from tests.test_report import config_of, finished_job
@@ -226,8 +227,11 @@ def test_a_rerun_with_another_setting_keeps_the_earlier_report_in_history(tmp_pa
 
     run()
     info = (out / "run_info.txt").read_text()
-    digest = hashlib.sha256((CONF / "experiment" / "mini_gyro.yaml").read_bytes()).hexdigest()
-    assert f"experiment file sha256: {digest}" in info and "git commit: " in info
+    experiment = CONF / "experiment" / "mini_gyro.yaml"
+    rows = yaml.safe_load(experiment.read_text())["hydra"]["sweeper"]["params"]["arm"].split(",")
+    setting = [experiment, *(CONF / "arm" / f"{row}.yaml" for row in rows)]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in setting)).hexdigest()
+    assert f"sha256 (the setting files, concatenated in that order): {digest}" in info and "git commit: " in info
     assert (out / "report.json").exists() and (out / "seeds.csv").exists()
     # Another setting made the report there: it is kept whole.
     (out / "run_info.txt").write_text(info.replace(digest, "0" * 64))
