@@ -55,6 +55,7 @@ REGISTERED = (
     "gyro",
     "multisample",
     "stochastic_depth",
+    "dropblock",
 )
 REGISTRY: dict[str, Method] = {
     name: importlib.import_module(f"regdrop.methods.{name}").METHOD for name in REGISTERED
