@@ -52,7 +52,10 @@ Where it is installed (`apply_dropblock`):
   inside every block of the chosen ``stages`` (``layer3`` and ``layer4`` by default, the
   paper's groups 3 and 4 of ResNet-50, where timm's ResNet puts it too), after each
   conv's batch norm (``bnK`` becomes ``Sequential(bnK, DropBlock2d)``) and on the
-  projection shortcut (``downsample``), as the reference implementation does. Its block
+  projection shortcut (``downsample``), as the reference implementation does. As there
+  too, a stage's rate falls by ``stage_decay`` per stage before the model's last:
+  ``p / stage_decay^(last - stage)`` (its ``1 - (1 - keep_prob) / 4^(4 - group)``: group 4
+  at ``p``, group 3 at ``p / 4``); ``stage_decay=1`` gives every stage ``p``. Its block
   applies DropBlock after the ReLU that follows a batch norm; a DropBlock mask is ``>= 0``,
   so ``relu(mask * x) == mask * relu(x)`` and placing it before torchvision's ReLU is the
   same. The stage-end ``conv`` drop sites of regdrop's ResNets stay empty.
@@ -203,6 +206,7 @@ class DropBlockOptions:
     p: float = 0.1  # 1 - keep_prob; the paper's ResNet-50 target keep_prob is 0.9
     block_size: int = 7
     stages: list[int] = field(default_factory=lambda: [3, 4])  # ResNet groups (layerN)
+    stage_decay: float = 4.0  # a stage's rate is p / stage_decay^(last stage - stage)
     share_channels: bool = False
     scale_per: str = "batch"
 
@@ -214,6 +218,9 @@ def check(options: DropBlockOptions) -> None:
     stages = list(options.stages)
     if not stages or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in stages):
         raise ValueError(f"stages must name at least one ResNet stage number (1 = layer1), got {stages!r}")
+    if not (isinstance(options.stage_decay, int | float) and not isinstance(options.stage_decay, bool)
+            and options.stage_decay >= 1):
+        raise ValueError(f"stage_decay must be a number >= 1 (1: every stage at p), got {options.stage_decay!r}")
     if not isinstance(options.share_channels, bool):
         raise ValueError(f"share_channels must be true or false, got {options.share_channels!r}")
     check_choice(options.scale_per, "scale_per", SCALE_PER)
@@ -221,7 +228,7 @@ def check(options: DropBlockOptions) -> None:
 
 def apply_dropblock(model: nn.Module, **options: Any) -> SurgeryReport:
     """Install `DropBlock2d` layers in ``model`` (`DropBlockOptions`: ``p=0.1,
-    block_size=7, stages=(3, 4), share_channels=False, scale_per="batch"``).
+    block_size=7, stages=(3, 4), stage_decay=4, share_channels=False, scale_per="batch"``).
 
     A model with torchvision residual blocks gets a layer after every batch norm of the
     blocks in ``stages`` (``layer3``, ``layer4``: the paper's groups 3 and 4) and on their
@@ -232,8 +239,8 @@ def apply_dropblock(model: nn.Module, **options: Any) -> SurgeryReport:
     chosen = DropBlockOptions(**options)
     check(chosen)
 
-    def build(*_: Any) -> DropBlock2d:
-        return DropBlock2d(chosen.p, block_size=chosen.block_size,
+    def build(*_: Any, rate: float = chosen.p) -> DropBlock2d:
+        return DropBlock2d(rate, block_size=chosen.block_size,
                            share_channels=chosen.share_channels, scale_per=chosen.scale_per)
 
     report = SurgeryReport("dropblock")
@@ -250,12 +257,20 @@ def apply_dropblock(model: nn.Module, **options: Any) -> SurgeryReport:
             f"apply_dropblock: stages {list(chosen.stages)} name no residual stage of "
             f"{type(model).__name__}, whose residual blocks are in {present}; set "
             "dropout.stages to stage numbers it has (1 = layer1).")
+    last = max(_stage(name) for name, _ in blocks)
     for name, block in chosen_blocks:
+        rate = chosen.p / chosen.stage_decay ** (last - _stage(name))
         for norm in _BLOCK_NORMS[type(block)]:
-            _follow_with(model, f"{name}.{norm}", build(), report)
+            _follow_with(model, f"{name}.{norm}", build(rate=rate), report)
         if block.downsample is not None:
-            _follow_with(model, f"{name}.downsample", build(), report)
+            _follow_with(model, f"{name}.downsample", build(rate=rate), report)
     return report
+
+
+def _stage(block_name: str) -> int:
+    """The stage number of a ResNet block called ``layerN.<i>`` (0 outside a ``layerN``)."""
+    top = block_name.split(".", 1)[0]
+    return int(top[5:]) if top.startswith("layer") and top[5:].isdigit() else 0
 
 
 def _follow_with(model: nn.Module, name: str, layer: DropBlock2d, report: SurgeryReport) -> None:

@@ -155,8 +155,18 @@ def test_on_a_resnet_it_follows_each_batch_norm_and_the_projection_shortcut_of_s
     assert set(names) == expected and len(report) == len(expected) == 6 * 3 + 3 * 3 + 2
     assert all(isinstance(model.get_submodule(n.rsplit(".", 1)[0])[0], nn.BatchNorm2d | nn.Conv2d)
                for n in names)
-    cifar = apply_dropblock(tiny("resnet56"), stages=[3], block_size=3)
-    assert len(cifar) == 9 * 2 + 1  # nine BasicBlocks and the stage's option-A shortcut
+    # The paper's code: group 4 at p, group 3 at p / 4 (stage_decay 4); stage_decay 1: p everywhere.
+    p = method_config("dropblock")["p"]
+    assert all(model.get_submodule(n).peak == pytest.approx(p if n.startswith("layer4") else p / 4)
+               for n in names)
+    flat = tiny("resnet50")
+    apply_dropblock(flat, p=0.2, stage_decay=1.0)
+    assert all(m.peak == pytest.approx(0.2) for m in flat.modules() if isinstance(m, DropBlock2d))
+    cifar = tiny("resnet56")
+    report = apply_dropblock(cifar, p=0.2, stages=[2, 3], block_size=3)
+    assert len(report) == 2 * (9 * 2 + 1)  # nine BasicBlocks and an option-A shortcut per stage
+    peaks = [m.peak for m in cifar.layer3.modules() if isinstance(m, DropBlock2d)]
+    assert peaks == [pytest.approx(0.2)] * 19  # its last stage is layer3
     with pytest.raises(ConfigError, match="stages") as err:
         apply_method(tiny("resnet18"), method_config("dropblock", stages=[5]), seed=0)
     assert err.value.key == "dropout=dropblock"
@@ -173,7 +183,8 @@ def test_without_residual_blocks_it_fills_the_conv_sites():
 
 
 @pytest.mark.parametrize("key, value", [("block_size", 0), ("stages", []), ("scale_per", "map"),
-                                        ("p", 1.0), ("share_channels", "perhaps")])
+                                        ("p", 1.0), ("share_channels", "perhaps"),
+                                        ("stage_decay", 0.5)])
 def test_a_bad_option_is_named_without_a_model(key, value):
     with pytest.raises(ConfigError) as err:
         check_method(method_config("dropblock", **{key: value}))
