@@ -24,7 +24,7 @@ Augmentation (``data`` keys), on both paths as the papers' code does it:
   resizes (the recipe: bicubic).
 
 timm's RandAugment and random erasing draw from Python's, numpy's and torch's global
-generators; the loader seeds them per batch (`seeded_global_random`) from the same
+generators; the loader seeds them per batch (`regdrop.rng.seeded_global_state`) from the same
 ``(seed, epoch, batch, rank)`` as its own streams, so they stay pure functions of the
 batch's place in the run.
 
@@ -41,12 +41,10 @@ decoded stops the run or is skipped and counted (``data.on_bad_image``).
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import math
 import os
 import pickle
-import random
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -59,7 +57,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from regdrop.errors import ConfigError, check_keys, check_number
-from regdrop.methods.base import derive_seed
+from regdrop.rng import seeded_global_state, stream_generator, stream_seed
 
 # Where Debian's dataset-fashion-mnist package puts the original IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -93,8 +91,6 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 ON_BAD_IMAGE = ("stop", "skip")
 # The augmentation keys a section may leave out (older configs): their "off" values.
 AUGMENT_DEFAULTS = {"randaugment": None, "random_erasing": 0.0, "interpolation": "bilinear", "crop_size": None}
-# Streams of the in-memory loader's generators (derive_seed's first key after the seed).
-_ORDER, _CROP, _RANDAUGMENT, _ERASING = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -121,8 +117,8 @@ class TensorLoader:
 
     Two random streams, both pure functions of ``(seed, epoch, ...)`` and independent of
     the global RNG: the ORDER of epoch ``e`` is a permutation drawn from
-    ``derive_seed(seed, 0, e)``, and the AUGMENTATION of batch ``i`` of epoch ``e`` from
-    ``derive_seed(seed, 1, e, i, rank)``. So a run resumed in the middle of an epoch
+    stream ``data.order`` (index ``e``), and the AUGMENTATION of batch ``i`` of epoch ``e``
+    from streams indexed ``(e, i, rank)`` (`regdrop.rng`). So a run resumed in the middle of an epoch
     restores its position (`state_dict`: epoch and batch) without replaying the
     augmentation of the batches it skips. Each `iter` is one epoch: the epoch set by
     `set_epoch` (as torch's ``DistributedSampler``), else the one after the last.
@@ -130,8 +126,8 @@ class TensorLoader:
     A training batch is cropped and flipped (``augment``; random ``crop_size`` crops
     without padding when given, else crops of the full size after ``crop_padding`` px of
     zeros), passed through ``randaugment`` (per uint8 image), scaled to [0, 1],
-    normalised, and passed through ``random_erasing``; each random op has its own stream,
-    ``derive_seed(seed, k, e, i, rank)`` with k = 1, 2, 3. Without ``augment`` a
+    normalised, and passed through ``random_erasing``; each random op has its own stream
+    (``data.crop``, ``data.randaugment``, ``data.erasing``) indexed ``(e, i, rank)``. Without ``augment`` a
     ``crop_size`` takes the centre crop (the test set's view).
 
     ``drop_last`` keeps every batch the same size, so that steps per epoch is
@@ -194,7 +190,7 @@ class TensorLoader:
         n = len(self.labels)
         if not self.shuffle:
             return torch.arange(n)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))
+        generator = stream_generator(self.seed, "data.order", epoch)
         return torch.randperm(n, generator=generator)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -208,24 +204,24 @@ class TensorLoader:
             yield self._prepare(self.images[index], epoch, i), self.labels[index]
 
     def _prepare(self, images: torch.Tensor, epoch: int = 0, batch: int = 0) -> torch.Tensor:
-        def seed(stream: int) -> int:
-            return derive_seed(self.seed, stream, epoch, batch, self.rank)
+        def seed(stream: str) -> int:
+            return stream_seed(self.seed, stream, epoch, batch, self.rank)
 
         x = images
         if self.augment:
             # Crop and flip move whole pixels: on uint8 they give exactly what they give on floats.
             padding = 0 if self.crop_size else self.crop_padding
-            x = random_crop_flip(x, padding, torch.Generator().manual_seed(seed(_CROP)), size=self.crop_size)
+            x = random_crop_flip(x, padding, torch.Generator().manual_seed(seed("data.crop")), size=self.crop_size)
         elif self.crop_size:
             x = center_crop(x, self.crop_size)
         if self.randaugment is not None:
-            with seeded_global_random(seed(_RANDAUGMENT)):
+            with seeded_global_state(seed("data.randaugment")):
                 x = rand_augment_batch(x, self.randaugment)
         x = x.float().div_(255.0)
         if self.mean is not None:
             x = x.sub_(self.mean).div_(self.std)
         if self.random_erasing is not None:
-            with seeded_global_random(seed(_ERASING)):
+            with seeded_global_state(seed("data.erasing")):
                 x = self.random_erasing(x)
         return x
 
@@ -266,24 +262,6 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
         raise ValueError(f"a {size} px crop does not fit {h} x {w} images")
     top, left = (h - size) // 2, (w - size) // 2
     return x[..., top : top + size, left : left + size]
-
-
-@contextlib.contextmanager
-def seeded_global_random(seed: int) -> Iterator[None]:
-    """Seed Python's, numpy's and torch's (CPU) global generators with ``seed`` for the
-    block, then put their states back: a library op that draws from them (timm's
-    RandAugment, random erasing, mixup) becomes a pure function of ``seed`` and leaves
-    every other stream of the run untouched. CUDA generators are not touched."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
 
 
 def randaugment_transform(policy: str, image_size: int, mean: tuple[float, ...] | None,
@@ -792,7 +770,7 @@ def _cifar_damage(cls, folder: Path, classes: int) -> tuple[Path, str] | None:
 
 
 def _synthetic(cfg, seed: int):
-    generator = torch.Generator().manual_seed(seed + 1)
+    generator = stream_generator(seed, "data.synthetic")
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
     prototypes = torch.rand((cfg.num_classes, *shape), generator=generator)
 
@@ -841,7 +819,7 @@ def _imagenet(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Data:
     test_set = CheckedImageFolder(
         datasets.ImageFolder(root / "val", transforms.Compose([*center, transforms.ToTensor(), *norm]))
     )
-    generator = torch.Generator().manual_seed(seed)
+    generator = stream_generator(seed, "data.subset")
     if cfg.subset is not None:
         # A seeded random subset: ImageFolder lists files class by class, so the first N
         # would cover only the first classes.
@@ -851,7 +829,8 @@ def _imagenet(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Data:
     # Seeded, sharded order: epoch e's permutation depends only on (seed, e), and rank r
     # reads every world_size-th sample of it. `set_epoch` moves it on each epoch.
     sampler = ResumableSampler(
-        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=stream_seed(seed, "data.order"),
+        drop_last=True
     )
     on_bad_image = cfg.get("on_bad_image", "stop")
     train = ImageFolderLoader(

@@ -53,21 +53,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from regdrop.errors import ConfigError, check_keys, check_number
 from regdrop.methods import begin_step, ensemble_members, training_loss
-from regdrop.methods.base import DropModule, derive_seed
+from regdrop.methods.base import DropModule
 from regdrop.methods.gyro import GyroDropout
+from regdrop.rng import seeded_global_state, stream_generator, stream_seed
 
 KEYS = (
     "name", "every", "until", "batches", "reference_batches", "mc_samples",
@@ -76,10 +75,6 @@ KEYS = (
 GYRO_SUBNETWORKS = ("tau", "sigma")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-# Independent streams derived from the run's seed (`derive_seed` keys).
-_STREAM_BATCHES, _STREAM_REFERENCE, _STREAM_DROPOUT = 1, 2, 3
-
 
 # -- cosine distances ----------------------------------------------------------------------
 
@@ -167,11 +162,10 @@ def preserved_state(model: nn.Module, seed: int | None = None) -> Iterator[None]
     and NumPy's generators; every buffer of the model (values, and the tensor object itself
     when the block replaced it: BatchNorm statistics, Gyro's bank and selection); the extra
     state of every module that has one (drop layers' generators, Gyro's step), set back only
-    when it changed; every module's training flag. With ``seed``, torch's generators are
-    seeded with it inside the block, so what the block draws does not depend on training.
+    when it changed; every module's training flag. With ``seed``, those generators are
+    seeded with it inside the block (`regdrop.rng.seeded_global_state`), so what the block draws does not depend on training.
     Parameters and their ``.grad`` are not saved: the block must leave them alone.
     """
-    python_state, numpy_state = random.getstate(), np.random.get_state()
     buffers = [
         (module, name, tensor, tensor.detach().clone())
         for module in model.modules()
@@ -181,11 +175,7 @@ def preserved_state(model: nn.Module, seed: int | None = None) -> Iterator[None]
     modes = [(m, m.training) for m in model.modules()]
     devices = _cuda_devices(model)
     try:
-        with torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                torch.default_generator.manual_seed(seed)
-                for index in devices:
-                    torch.cuda.default_generators[index].manual_seed(seed)
+        with seeded_global_state(seed, cuda_devices=devices):
             yield
     finally:
         with torch.no_grad():
@@ -201,8 +191,6 @@ def preserved_state(model: nn.Module, seed: int | None = None) -> Iterator[None]
                 module.set_extra_state(state)
         for module, training in modes:
             module.training = training
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 # -- gradients -------------------------------------------------------------------------------
@@ -552,12 +540,12 @@ class Diagnostics:
         if not self.initial:
             return {}
         n = self.num_train
-        order = torch.randperm(n, generator=_generator(self.seed, _STREAM_BATCHES, step))
+        order = torch.randperm(n, generator=stream_generator(self.seed, "diagnostics.batches", step))
         batches = [order[k * self.batch_size:(k + 1) * self.batch_size] for k in range(self.batches)]
         if self.reference_batches is None:
             chosen = torch.arange(n)
         else:
-            chosen = torch.randperm(n, generator=_generator(self.seed, _STREAM_REFERENCE))
+            chosen = torch.randperm(n, generator=stream_generator(self.seed, "diagnostics.reference"))
             chosen = chosen[: self.reference_batches * self.batch_size]
         reference = list(chosen.split(self.batch_size))
         with preserved_state(model):
@@ -565,7 +553,7 @@ class Diagnostics:
                 begin_step(model, step, factor)
             values = measure_gradients(
                 model, loss_fn, self._read(batches, step, 0), self._read(reference, step, len(batches)),
-                initial=self.initial, seed=derive_seed(self.seed, _STREAM_DROPOUT, step),
+                initial=self.initial, seed=stream_seed(self.seed, "diagnostics.dropout", step),
             )
         return {f"diag/{key}": value for key, value in values.items()}
 
@@ -601,7 +589,7 @@ class Diagnostics:
         ``mc/test_ece`` and ``mc/members``; writes ``reliability.png`` into ``folder``."""
         if not self.enabled:
             return {}
-        common = {"bins": self.bins, "max_batches": max_batches, "seed": derive_seed(self.seed, _STREAM_DROPOUT)}
+        common = {"bins": self.bins, "max_batches": max_batches, "seed": stream_seed(self.seed, "diagnostics.dropout")}
         deterministic = evaluate_predictions(model, test_loader, **common)
         result = {"test/ece": deterministic.calibration.ece()}
         curves = {"deterministic": deterministic.calibration}
@@ -614,7 +602,3 @@ class Diagnostics:
         if folder is not None:
             plot_reliability(curves, Path(folder) / "reliability.png")
         return result
-
-
-def _generator(seed: int, *keys: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(seed, *keys))

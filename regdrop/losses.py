@@ -32,16 +32,14 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from regdrop.data import seeded_global_random
 from regdrop.errors import ConfigError, check_keys, check_number
-from regdrop.methods.base import derive_seed
+from regdrop.rng import seeded_global_state, stream_seed
 
 LOSS_KEYS = ("label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "mix_mode")
 MIX_MODES = ("batch", "pair", "elem")  # timm's: one weight per batch, per pair, per sample
 # The section a config without a ``loss`` group gets: plain cross-entropy.
 PLAIN = {"label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0,
          "switch_prob": 0.5, "mix_mode": "batch"}
-_MIX_STREAM = 0x4D495855  # keeps the mixing seeds apart from every other derived stream
 
 
 def _section(cfg: Mapping | None) -> dict:
@@ -99,7 +97,7 @@ class BatchMixer:
         self.mixup, self.seed, self.rank = mixup, seed, rank
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        with seeded_global_random(derive_seed(self.seed, _MIX_STREAM, step, micro, self.rank)):
+        with seeded_global_state(stream_seed(self.seed, "loss.mix", step, micro, self.rank)):
             return self.mixup(x, y)
 
     def __repr__(self) -> str:

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from regdrop.errors import ConfigError, check_keys, check_number
-from regdrop.methods.base import derive_seed
+from regdrop.rng import seed_global, stream_seed
 
 TRAINER_KEYS = {
     "epochs", "grad_accum", "device", "precision", "compile", "compile_backend", "deterministic",
@@ -58,7 +56,7 @@ class Runtime:
     def seed_per_rank(self, seed: int) -> None:
         """After the model is built (alike on every rank): per-rank global generators."""
         if self.distributed:
-            torch.manual_seed(derive_seed(seed, 0x52414E4B, self.rank))
+            torch.manual_seed(stream_seed(seed, "runtime.rank", self.rank))
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place (a no-op on one process)."""
@@ -169,9 +167,7 @@ def world_size_from_env() -> int:
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed Python, NumPy and torch; with ``deterministic``, ask torch for determinism too."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    seed_global(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)

@@ -17,9 +17,9 @@ from regdrop.data import (
     randaugment_transform,
     random_crop_flip,
     random_erasing_transform,
-    seeded_global_random,
 )
 from regdrop.errors import ConfigError
+from regdrop.rng import seeded_global_state
 from tests.conftest import FASHION_MNIST_INSTALLED
 
 
@@ -272,7 +272,7 @@ def test_randaugment_and_erasing_need_augment_on():
 
 def test_random_erasing_fills_one_box_per_erased_image_with_noise_at_its_probability():
     x = torch.zeros(400, 3, 32, 32)
-    with seeded_global_random(0):
+    with seeded_global_state(0):
         erased = random_erasing_transform(0.25)(x.clone())
     hit = (erased != 0).flatten(1).any(1)
     # probability 0.25: 100 of 400 expected, binomial sd 8.7

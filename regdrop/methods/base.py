@@ -27,7 +27,7 @@
 * `SurgeryReport` records what a surgery replaced or inserted, counted per kind of module.
 
 The rest is what several methods share: argument checks that name the parameter at fault
-(`check_rate`, `check_choice`, `check_int`), seed derivation (`derive_seed`), the inverted
+(`check_rate`, `check_choice`, `check_int`), the inverted
 keep mask (`keep_mask`), and site surgery (`find_sites`, `normalise_sites`, `fill_sites`,
 `replace_module`, `not_applicable`).
 """
@@ -44,9 +44,6 @@ import torch
 from torch import nn
 
 SITE_KINDS = ("fc", "conv", "token", "attn")
-
-_MASK64 = (1 << 64) - 1
-
 
 # -- argument checks: each raises `ValueError` starting with the parameter's name ----------
 
@@ -83,23 +80,6 @@ def check_int(value: object, name: str, *, positive: bool = False) -> None:
     if not is_int(value) or (positive and value < 1):
         kind = "a positive integer" if positive else "an integer"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed derived from ``seed`` and ``keys`` (splitmix64), for independent streams.
-
-    Distinct ``(seed, keys)`` give unrelated seeds, so the layers of one model, and the
-    streams of one layer, never share a generator sequence, and layer ``k`` of one run seed
-    is not layer ``k + 1`` of the next. Every data-parallel rank derives the same seeds.
-    """
-    state = operator.index(seed) & _MASK64
-    for key in (*keys, 0):
-        state = (state + 0x9E3779B97F4A7C15 + (operator.index(key) & _MASK64)) & _MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state = z ^ (z >> 31)
-    return state >> 1
 
 
 # -- drop sites and drop layers ------------------------------------------------------------

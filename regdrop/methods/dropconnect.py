@@ -56,16 +56,18 @@ from regdrop.methods.base import (
     check_choice,
     check_int,
     check_rate,
-    derive_seed,
     keep_mask,
     refuse_reapply,
     replace_module,
 )
 from regdrop.methods.method import Method
+from regdrop.rng import stream_seed
 
 __all__ = ["METHOD", "DropConnectLinear", "DropConnectOptions", "apply_dropconnect", "normal_draws"]
 
 PER = ("batch", "example", "subbatch")
+# The seed stream of this module (`regdrop.rng`): a layer's gaussian inference draws.
+RNG_STREAMS = ("dropconnect.site",)
 INFERENCE = ("mean", "gaussian")
 # Element-wise, parameter-free activations that gaussian inference can average.
 ACTIVATIONS = (
@@ -312,7 +314,7 @@ def apply_dropconnect(model: nn.Module, **options: Any) -> SurgeryReport:
     every ``nn.Linear`` but the last registered one (the classifier), else the only one.
     With ``inference="gaussian"`` the activation right after each layer in its
     ``nn.Sequential`` moves into the layer (module doc); layer ``k`` gets the seed
-    ``derive_seed(seed, k)``.
+    ``stream_seed(seed, "dropconnect.site", k)``.
     A model that already has DropConnect is refused (`refuse_reapply`).
     """
     chosen = DropConnectOptions(**options)
@@ -330,7 +332,7 @@ def apply_dropconnect(model: nn.Module, **options: Any) -> SurgeryReport:
             activation = following[1]
         new = DropConnectLinear(
             linear, p, per=per, groups=groups, inference=inference, samples=samples,
-            seed=derive_seed(seed, index), activation=activation,
+            seed=stream_seed(seed, "dropconnect.site", index), activation=activation,
         )
         report.add(name, replace_module(model, name, new), new)
         if following is not None:

@@ -70,7 +70,6 @@ from regdrop.methods.base import (
     check_choice,
     check_int,
     check_rate,
-    derive_seed,
     feature_axis,
     find_sites,
     is_int,
@@ -81,8 +80,11 @@ from regdrop.methods.base import (
     replace_module,
 )
 from regdrop.methods.method import Method, RunFacts
+from regdrop.rng import stream_seed
 
 SCALINGS = ("expected", "empirical")
+# The seed streams of this module (`regdrop.rng`): a layer's seed, and its bank and selection.
+RNG_STREAMS = ("gyro.site", "gyro.bank", "gyro.selection")
 # The site kinds gyro fills (the mask covers the site's feature axis); attention
 # probabilities are not a layer's features, so gyro does not apply to ``attn`` sites.
 GYRO_KINDS = ("fc", "token", "conv")
@@ -335,7 +337,7 @@ class GyroDropout(DropModule):
     # -- the bank --------------------------------------------------------------------
 
     def _draw_bank(self, width: int, device: torch.device) -> None:
-        generator = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, 0))
+        generator = torch.Generator(device="cpu").manual_seed(stream_seed(self.seed, "gyro.bank"))
         scores = torch.rand(self.sigma, width, generator=generator)
         self.scores = scores.to(device)
         self.width = width
@@ -380,7 +382,7 @@ class GyroDropout(DropModule):
         return self.period
 
     def _reset_selection(self) -> None:
-        self._selection_generator.manual_seed(derive_seed(self.seed, 1))
+        self._selection_generator.manual_seed(stream_seed(self.seed, "gyro.selection"))
         self._permutation = torch.arange(self.sigma)
         self._position = self.sigma  # exhausted: the first selection draws a permutation
         self._period_index = -1
@@ -542,7 +544,7 @@ def apply_gyro_dropout(model: nn.Module, *, total_steps: int | None = None, **op
     scaling="expected", seed=0``).
 
     ``fc`` and ``token`` sites get masks over the last axis, ``conv`` sites over channels.
-    Site ``i`` (in module order) is seeded with ``derive_seed(seed, i)``, so layers draw
+    Site ``i`` (in module order) is seeded with ``stream_seed(seed, "gyro.site", i)``, so layers draw
     different banks while every data-parallel rank draws the same ones. A model that
     already has gyro dropout is refused (`refuse_reapply`).
     ``sigma``/``tau`` None take the model's recommendation (``regdrop_method_defaults``:
@@ -575,7 +577,7 @@ def apply_gyro_dropout(model: nn.Module, *, total_steps: int | None = None, **op
             feature_axis(site),
             with_replacement=with_replacement,
             scaling=scaling,
-            seed=derive_seed(seed, index),
+            seed=stream_seed(seed, "gyro.site", index),
             total_steps=total_steps,
         )
         replace_module(model, name, layer)

@@ -74,18 +74,20 @@ from regdrop.methods.base import (
     check_choice,
     check_int,
     check_rate,
-    derive_seed,
     keep_mask,
     keep_scale,
     refuse_reapply,
     replace_module,
 )
 from regdrop.methods.method import Method
+from regdrop.rng import stream_seed
 
 Mode = Literal["block", "sample"]
 Scaling = Literal["inverted", "test_time"]
 Distribution = Literal["linear", "linspace", "uniform"]
 MODES = ("block", "sample")
+# The seed stream of this module (`regdrop.rng`): a block-mode gate's generator.
+RNG_STREAMS = ("stochastic_depth.gate",)
 SCALINGS = ("inverted", "test_time")
 DISTRIBUTIONS = ("linear", "linspace", "uniform")
 
@@ -509,7 +511,7 @@ def apply_stochastic_depth(model: nn.Module, **options: Any) -> SurgeryReport:
 
     report = SurgeryReport("stochastic_depth")
     rates = depth_rates(drop_rate, len(blocks), distribution)
-    gate_seeds = (derive_seed(seed, k) for k in itertools.count())  # gate k, module order
+    gate_seeds = (stream_seed(seed, "stochastic_depth.gate", k) for k in itertools.count())  # gate k, module order
     for (name, block), rate in zip(blocks, rates, strict=True):
         wrapper_type, gates_per_block = _WRAPPERS[type(block)]
         gates = [BranchGate(rate, mode=mode, scaling=scaling, seed=next(gate_seeds))

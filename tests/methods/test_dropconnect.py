@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regdrop.methods.base import MethodNotApplicable, derive_seed
+from regdrop.methods.base import MethodNotApplicable
 from regdrop.methods.dropconnect import DropConnectLinear, apply_dropconnect, normal_draws
+from regdrop.rng import stream_seed
 
 
 def five_sigma(p: float, n: int) -> float:
@@ -261,7 +262,8 @@ def test_gaussian_moves_the_following_activation_into_the_layer() -> None:
     }
     assert isinstance(model.classifier[0].activation, nn.ReLU)
     assert isinstance(model.classifier[2].activation, nn.GELU)
-    assert (model.classifier[0].seed, model.classifier[2].seed) == (derive_seed(0, 0), derive_seed(0, 1))
+    assert (model.classifier[0].seed, model.classifier[2].seed) == (stream_seed(0, "dropconnect.site", 0),
+                                                                   stream_seed(0, "dropconnect.site", 1))
     x = torch.randn(3, 1, 4, 4)
     model.eval()
     assert torch.equal(model(x), model(x))
