@@ -10,7 +10,7 @@ from pathlib import Path
 
 from regdrop.report.evidence import ClaimResult, RegimeResult, cell_summary
 from regdrop.report.runs import FINISHED, ExpectedJob, Job
-from regdrop.report.stats import INCONCLUSIVE, PAIRED, TOO_FEW, Summary, describe
+from regdrop.report.stats import INCONCLUSIVE, MAX_SEEDS, PAIRED, TOO_FEW, Summary, describe
 from regdrop.report.table import (
     ACCURACY_METRICS,
     METRICS,
@@ -184,6 +184,15 @@ def regime_lines(layout: Layout, regimes: Sequence[RegimeResult]) -> list[str]:
     return lines
 
 
+def seeds_text(needed: int | None) -> str:
+    """How many seeds per row would find the observed difference at 80% power."""
+    if needed is None:
+        return "no difference observed to size seeds by"
+    if needed > MAX_SEEDS:
+        return f"more than {MAX_SEEDS:,} seeds per row would be needed for the observed difference"
+    return f"about {needed} seeds per row would find the observed difference"
+
+
 def claims_table(results: Sequence[ClaimResult]) -> str:
     header = ["claim", "paper", "metric", "better − than", "95% CI", "p", "test", "n",
               "verdict"]
@@ -196,7 +205,8 @@ def claims_table(results: Sequence[ClaimResult]) -> str:
         text = comparison.verdict
         if comparison.verdict == INCONCLUSIVE and comparison.detectable is not None:
             text += (f" (detectable at 80% power: {comparison.detectable:.{digits}f}"
-                     f"{' points' if claim.metric in ACCURACY_METRICS else ''})")
+                     f"{' points' if claim.metric in ACCURACY_METRICS else ''}; "
+                     f"{seeds_text(comparison.seeds_needed)})")
         if comparison.verdict == TOO_FEW:
             text += f" ({result.why_not_paired or 'fewer than 2 seeds in a row'})"
         n = (f"{comparison.n_better} pairs" if comparison.test == PAIRED

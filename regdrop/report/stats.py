@@ -73,8 +73,9 @@ def describe(values: Sequence[float | None]) -> Summary:
 @dataclass(frozen=True)
 class Comparison:
     """``better`` - ``than``: the difference of means, its 95% interval, the p-value of the
-    two-sided test, the test, its degrees of freedom and the minimal detectable difference
-    (80% power, alpha 0.05), and the verdict in the paper's direction."""
+    two-sided test, the test, its degrees of freedom, the minimal detectable difference
+    (80% power, alpha 0.05), the seeds per row that would detect the observed difference
+    (`seeds_needed`) and the verdict in the paper's direction."""
 
     difference: float | None
     ci_low: float | None
@@ -86,6 +87,8 @@ class Comparison:
     n_than: int
     detectable: float | None
     verdict: str
+    seeds_needed: int | None = None
+
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,6 +113,32 @@ def detectable_difference(se: float, df: float, *, alpha: float = ALPHA,
     guess = crit + scipy_stats.t.ppf(power, df)
     delta = optimize.brentq(shortfall, 0.5 * guess, 1.5 * guess + 1.0)
     return float(delta * se)
+
+
+MAX_SEEDS = 1000  # `seeds_needed` searches no further: "more than 1,000"
+
+
+def seeds_needed(difference: float | None, spread: float, *, paired: bool) -> int | None:
+    """The seeds per row at which the observed ``difference`` (taken as the true one, with
+    the observed spread) is found at 80% power: the smallest n whose
+    `detectable_difference` is at most ``|difference|``. ``spread``: the standard deviation
+    of the per-seed differences (paired), or sqrt(var_better + var_than) (Welch, equal n per
+    row, df 2n - 2). None when there is no difference or no spread to size it by; MAX_SEEDS
+    + 1 when even MAX_SEEDS seeds would not do. A planning figure, not a promise: the
+    observed difference is itself uncertain."""
+    if difference is None or difference == 0 or not spread > 0:
+        return None
+
+    def enough(n: int) -> bool:
+        return detectable_difference(spread / math.sqrt(n), n - 1 if paired else 2 * n - 2) <= abs(difference)
+
+    if not enough(MAX_SEEDS):
+        return MAX_SEEDS + 1
+    low, high = 2, MAX_SEEDS  # enough(high) holds; find the smallest such n
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle + 1, high)
+    return low
 
 
 def verdict(ci_low: float | None, ci_high: float | None, *, higher_is_better: bool) -> str:
@@ -167,6 +196,8 @@ def compare(better: Sequence[float | None], than: Sequence[float | None], *, pai
             df = float(result.df)
             low, high = result.confidence_interval(CONFIDENCE)
     low, high = float(low), float(high)
+    spread = sd if paired else math.sqrt(var_a + var_b)
     return Comparison(difference, low, high, p, test, float(df), len(a), len(b),
                       detectable_difference(se, df),
-                      verdict(low, high, higher_is_better=higher_is_better))
+                      verdict(low, high, higher_is_better=higher_is_better),
+                      seeds_needed(difference, spread, paired=paired))
