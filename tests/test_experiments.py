@@ -183,6 +183,19 @@ PAPER: dict[str, dict] = {
                    "lr.name": "cosine", "lr.warmup_epochs": 8, "lr.min_factor": 0.0, "trainer.epochs": 90},
         "sweep": {"dropout.p": ["0.0", "0.1"], "model": ["resnet50", "resnet101"]},
     },
+    "dropblock_resnet50_imagenet": {  # the paper's headline; the authors' code for the ramp and groups
+        "values": {"model.name": "resnet50", "data.name": "imagenet", "dropout.name": "dropblock",
+                   "dropout.p": 0.1, "dropout.block_size": 7, "dropout.stages": [3, 4],
+                   "dropout.stage_decay": 4.0, "schedule.name": "warmup", "schedule.warmup_epochs": 270,
+                   "trainer.epochs": 270, "optim.name": "sgd", "optim.nesterov": True},
+        "sweep": {"dropout.p": ["0.0", "0.1"], "model": ["resnet50"]},
+    },
+    "dropblock_resnet_cifar": {  # regdrop's setting: the paper has no CIFAR table
+        "values": {"model.name": "resnet56", "data.name": "cifar10", "dropout.name": "dropblock",
+                   "dropout.p": 0.1, "dropout.block_size": 3, "dropout.stages": [2, 3],
+                   "schedule.name": "warmup", "schedule.warmup_epochs": 300, "trainer.epochs": 300},
+        "sweep": {"dropout.p": ["0.0", "0.1"], "data": ["cifar10", "cifar100"], "seed": ["0", "1", "2"]},
+    },
     "inoue_multisample_cifar": {
         "values": {"model.name": "vgg16", "data.name": "cifar10", "dropout.name": "multisample", "dropout.p": 0.5,
                    "dropout.samples": 8, "data.augment": True},
@@ -399,7 +412,7 @@ TINY = {  # model keys that make each experiment's default model tiny
     "vit_tiny": {"depth": 2, "embed_dim": 48}, "vit_base": {"depth": 2, "embed_dim": 48, "num_heads": 3},
     "resnet18": {"width": 0.125}, "resnet50": {"width": 0.125}, "resnet110": {"width": 0.25},
     "lenet": {"width": 0.125}, "vgg16": {"width": 0.125}, "mlp": {"hidden": [32, 32]},
-    "cuda_convnet": {"width": 0.25},
+    "cuda_convnet": {"width": 0.25}, "resnet56": {"width": 0.25},
 }
 
 
@@ -412,6 +425,8 @@ def smoke_config(experiment: str, output_dir: Path, *extra: str) -> DictConfig:
             cfg.model[key] = small
         if "cutoff_epoch" in cfg.schedule:
             cfg.schedule.cutoff_epoch = 0.5
+        if "warmup_epochs" in cfg.schedule:
+            cfg.schedule.warmup_epochs = 0.5
         if cfg.lr.name == "cosine":
             cfg.lr.warmup_epochs = 0.5
         if cfg.data.crop_size:
@@ -422,7 +437,7 @@ def smoke_config(experiment: str, output_dir: Path, *extra: str) -> DictConfig:
 
 
 # Slow on a CPU (ResNet-50/110), or the same code path as a default-suite file with other values.
-SLOW_SMOKE = {"huang_resnet110_cifar", "composer_sd_resnet_imagenet", "liu_early_improved", "gyro_lenet_cifar10",
+SLOW_SMOKE = {"huang_resnet110_cifar", "composer_sd_resnet_imagenet", "dropblock_resnet50_imagenet", "liu_early_improved", "gyro_lenet_cifar10",
               "gyro_sigma_tau"}
 
 
