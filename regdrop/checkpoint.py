@@ -32,12 +32,12 @@ import torch
 
 from regdrop.errors import RunFileError, read_error
 from regdrop.preemption import critical_section
+from regdrop.runfolder import BEST as BEST  # the checkpoint files of a run folder, named here too
+from regdrop.runfolder import CHECKPOINT as CHECKPOINT
+from regdrop.runfolder import PREVIOUS as PREVIOUS
 from regdrop.tracking import StepValues, write_atomically
 
-CHECKPOINT = "checkpoint.pt"  # the last one, in the run folder
-PREVIOUS = "checkpoint.prev.pt"  # the one before it (a damaged latest one costs one interval)
 REQUIRED = ("config_hash", "model", "optimizer", "state", "rng")  # what makes a regdrop checkpoint
-BEST = "best.pt"  # the one with the best test accuracy (trainer.keep_best)
 
 
 @dataclass

@@ -13,7 +13,6 @@ import errno
 import os
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -23,6 +22,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from regdrop.errors import DISK_ERRNOS, ConfigError, describe_os_error
+from regdrop.runfolder import (
+    CHECKPOINT,
+    FAILED_JOBS,
+    SWEEP_CONFIG,
+    read_failed_jobs,
+    record_failed_job,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("data", "model", "dropout", "schedule", "optim", "lr", "trainer", "logger", "experiment",
@@ -46,7 +52,7 @@ def run(cfg: DictConfig) -> float | None:
         if isinstance(err, OSError) and err.errno not in DISK_ERRNOS:
             raise
         if isinstance(err, OSError):  # a full disk, a read-only folder, a path that is a file
-            text = describe_os_error(err, Path(cfg.paths.output_dir) / "checkpoint.pt")
+            text = describe_os_error(err, Path(cfg.paths.output_dir) / CHECKPOINT)
             err = ConfigError("hydra.run.dir", text)
             message = textwrap.fill(f"regdrop: {text}", width=100, break_on_hyphens=False, break_long_words=False)
         else:
@@ -75,35 +81,24 @@ class JobFailed(CompactHydraException):
 
     def __init__(self, hydra_cfg, message: str) -> None:
         self.sweep_dir = Path(hydra_cfg.sweep.dir)
-        overrides = " ".join(hydra_cfg.overrides.task)
-        line = f"job {hydra_cfg.job.num} ({overrides}): {message.removeprefix('regdrop: ')}".replace("\n", " ")
-        with open(self.sweep_dir / FAILED_JOBS, "a") as f:
-            f.write(f"{time.time():.3f} {line}\n")
+        record_failed_job(self.sweep_dir, hydra_cfg.job.num, list(hydra_cfg.overrides.task),
+                          message.removeprefix("regdrop: "))
         super().__init__(message)
 
     def __str__(self) -> str:
         # Read when Hydra prints it, after every job of the sweep has run.
-        path, launched = self.sweep_dir / FAILED_JOBS, self.sweep_dir / "multirun.yaml"
+        launched = self.sweep_dir / SWEEP_CONFIG
         since = launched.stat().st_mtime - 1 if launched.exists() else 0  # this launch's jobs only
-        lines, unreadable = [], 0
-        text = path.read_text(errors="replace") if path.exists() else ""
-        for line in text.splitlines():
-            stamp, _, what = line.partition(" ")
-            try:
-                if float(stamp) >= since:
-                    lines.append(what)
-            except ValueError:  # a damaged record (a torn or foreign line): counted, not fatal
-                unreadable += 1
-        damaged = (f"\n  ({unreadable} unreadable line(s) in {path}: not written by regdrop or torn; "
-                   "delete the file to start the record afresh)") if unreadable else ""
+        records, unreadable = read_failed_jobs(self.sweep_dir)  # a torn or foreign line: counted
+        lines = [record.line() for record in records if record.time >= since]
+        damaged = (f"\n  ({unreadable} unreadable line(s) in {self.sweep_dir / FAILED_JOBS}: not written "
+                   "by regdrop or torn; delete the file to start the record afresh)") if unreadable else ""
         return (f"regdrop: {len(lines)} job(s) of the sweep failed:\n" + "\n".join(f"  {line}" for line in lines)
                 + damaged)
 
     def __reduce__(self):  # joblib / submitit send it back to the sweeping process
         return (_rebuild_job_failed, (str(self.sweep_dir), self.args[0]))
 
-
-FAILED_JOBS = "failed_jobs.txt"
 
 
 class RunFolderCheck(Callback):

@@ -23,6 +23,8 @@ import signal
 from collections.abc import Callable, Iterator
 from types import FrameType
 
+from regdrop.runfolder import RunStatus
+
 PREEMPTED = 3
 INTERRUPTED = 130
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
@@ -36,7 +38,7 @@ class Preempted(SystemExit):
 class Abandoned(SystemExit):
     """A second Ctrl-C outside a checkpoint write: stopped at once, the last checkpoint kept."""
 
-    run_status = "interrupted"
+    run_status = RunStatus.INTERRUPTED
 
 
 @contextlib.contextmanager

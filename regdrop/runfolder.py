@@ -1,284 +1,133 @@
-"""A run's folder: what a run does with it, and the files regdrop reads back from it.
+"""The run folder's contract: the names of its files, the statuses a run can have, the
+keys of a config that do not change a run's result, and the sweep's record of failed jobs.
 
-A run's identity (`regdrop.identity`) is a hash of its resolved config minus the keys that only say where or
-how fast it runs (`RUNTIME_KEYS`: the device, workers, progress bar, logging, paths,
-resume flags...). Hydra's run folder is named after it (``<experiment or data-model-method>
-/<hash>``, through the ``regdrop_run`` resolver), so every rank of a torchrun job, and
-every re-launch of the same command, lands in the same folder, and a different config
-never lands in a used one.
-
-`RunFolder.open` decides what a run does with its folder:
-
-* empty: a fresh run; the config (``.hydra/config.yaml``, ``overrides.yaml``,
-  ``hydra.yaml``) and ``environment.json`` (git commit, dirty tree, library versions) are
-  written, after validation, so a rejected config writes nothing (a rejected run leaves
-  no folder behind: not even its ``.lock``);
-* a checkpoint there (or ``trainer.resume=PATH``): the run resumes from it (a run resumed
-  into a fresh folder from another folder's checkpoint writes its config there too);
-* a finished run of the same config: reported and not rerun, and read-only to every path,
-  ``trainer.resume`` included (``trainer.rerun=true`` moves its files to
-  ``previous-<time>/`` and runs again; so it does for an unfinished run, which then starts
-  afresh);
-* another config's run, or a live run of this one: a `ConfigError`, nothing touched;
-* a damaged file regdrop reads back (``.hydra/config.yaml``, ``metrics.json``, the
-  checkpoint): a `RunFileError` naming it and the ways forward, nothing touched.
-
-Opening a folder also removes the temporary files (``.<name>.<pid>.tmp``) that a process
-killed while writing left behind; a live process's are kept.
+Every module that writes or reads a run folder (the trainer, the tracker, the checkpoints,
+the report, the command line) takes these names from here, so a file is renamed or a
+status added in one place. Nothing here imports the rest of regdrop: it is the floor the
+others stand on. What a run does with its folder when it opens it (fresh, resume, finished,
+refused) is `regdrop.opening`'s work; how a run is named, `regdrop.identity`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import fcntl
 import json
-import os
-import platform
-import shutil
-import subprocess
-from dataclasses import dataclass
+import re
+import time
+from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+# The files of a run folder.
+METRICS_LOG = "metrics.jsonl"  # one JSON line per step and per evaluation, flushed as written
+SUMMARY = "metrics.json"  # the final summary: present only when the run finished
+STATUS = "run.json"  # the run's `RunStatus`, pid, host and times
+CHECKPOINT = "checkpoint.pt"  # the last checkpoint
+PREVIOUS = "checkpoint.prev.pt"  # the one before it (a damaged latest one costs one interval)
+BEST = "best.pt"  # the one with the best test accuracy (trainer.keep_best)
+SURGERY = "surgery.txt"  # which layers the dropout method replaced or wrapped
+ENVIRONMENT = "environment.json"  # the run's identity, git commit and library versions
+TRAIN_LOG = "train.log"  # everything the run printed
+SCHEDULE_PLOT = "drop_schedule.png"
+CONFIG_DIR = ".hydra"  # config.yaml, overrides.yaml, hydra.yaml
+CONFIG = f"{CONFIG_DIR}/config.yaml"
+OVERRIDES = f"{CONFIG_DIR}/overrides.yaml"
+HYDRA = f"{CONFIG_DIR}/hydra.yaml"
+WANDB_DIR = "wandb"
+LOCK = ".lock"
+# What a rerun moves aside to ``previous-<time>/``: everything a run writes.
+RESULT_FILES = (SUMMARY, METRICS_LOG, STATUS, CHECKPOINT, PREVIOUS, BEST, SURGERY, TRAIN_LOG,
+                SCHEDULE_PLOT, ENVIRONMENT, CONFIG_DIR, WANDB_DIR)
 
-from regdrop.checkpoint import CHECKPOINT, PREVIOUS, load_checkpoint
-from regdrop.errors import ConfigError, RunFileError, read_error
+# The files of a sweep folder.
+FAILED_JOBS = "failed_jobs.txt"  # `FailedJob` records, one JSON line each
+SWEEP_CONFIG = "multirun.yaml"
 
-# The identity lives in its own module (no run-folder I/O); named here too for the callers.
-from regdrop.identity import RUNTIME_KEYS as RUNTIME_KEYS
-from regdrop.identity import config_hash as config_hash
-from regdrop.identity import identity as identity
-from regdrop.identity import register_resolvers as register_resolvers
-from regdrop.identity import run_name as run_name
-from regdrop.identity import sweep_name as sweep_name
 
-_HELD: dict[str, Any] = {}  # run folders this process holds (path -> locked file)
-RESULT_FILES = ("metrics.json", "metrics.jsonl", "run.json", CHECKPOINT, PREVIOUS, "best.pt", "surgery.txt",
-                "train.log", "drop_schedule.png", "environment.json", ".hydra", "wandb")
+class RunStatus(str, Enum):
+    """What ``run.json`` says about a run (a `str`, so it is written and compared as one)."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    PREEMPTED = "preempted"  # stopped by SIGTERM / SIGUSR1 (a scheduler): resumable
+    INTERRUPTED = "interrupted"  # stopped by Ctrl-C: resumable
+    DIVERGED = "diverged"  # the loss stopped being finite
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Keys that say where, how fast or how visibly a run runs, never what it computes: outside
+# the run's identity (`regdrop.identity`) and never a cell of the report (which also
+# averages over ``seed``, a key that does change the result). A key names a config node
+# (and everything below it) or a config group (``local``, ``logger``: its option).
+OUTSIDE_RESULT = (
+    "hydra", "paths", "logger", "local", "tags", "optimized_metric", "task_name", "table",
+    "trainer.device", "trainer.progress", "trainer.threads", "trainer.log_every",
+    "trainer.checkpoint_every", "trainer.keep_best", "trainer.resume", "trainer.rerun",
+    "trainer.compile", "trainer.compile_backend", "trainer.deterministic",
+    "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
+)
+
+
+def outside_result(key: str) -> bool:
+    """Whether config key or group ``key`` (``trainer.device``, ``hydra/launcher``) is one of
+    `OUTSIDE_RESULT` or below one."""
+    return any(key == k or key.startswith((k + ".", k + "/")) for k in OUTSIDE_RESULT)
 
 
 @dataclass
-class Decision:
-    """What a run does with its folder: ``fresh``, ``resume`` (from ``checkpoint``) or
-    ``finished`` (with the ``summary`` it already has); ``write_config``: the folder has no
-    config yet (a fresh run, or a resume from another folder's checkpoint)."""
+class FailedJob:
+    """One job of a sweep that failed cleanly (a rejected config writes no job folder): a
+    JSON line of the sweep's ``failed_jobs.txt``, written and read by this class only."""
 
-    action: str
-    checkpoint: Path | None = None
-    summary: dict[str, Any] | None = None
-    write_config: bool = False
+    time: float  # unix time of the failure
+    job: int | str  # Hydra's job number
+    overrides: list[str]  # the job's overrides, as Hydra gives them
+    message: str  # the one paragraph the job printed
+
+    def line(self) -> str:
+        """The job as it reads in the sweep's summary: ``job N (overrides): message``."""
+        return f"job {self.job} ({' '.join(self.overrides)}): {self.message}"
 
 
-class RunFolder:
-    """The run folder of one config, held (a lock) while the run is in it."""
+def record_failed_job(sweep_dir: Path, job: int | str, overrides: list[str], message: str) -> FailedJob:
+    """Append a `FailedJob` to ``sweep_dir``'s record and return it."""
+    record = FailedJob(time.time(), job, [str(o) for o in overrides], message.replace("\n", " "))
+    with open(Path(sweep_dir) / FAILED_JOBS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(asdict(record)) + "\n")
+    return record
 
-    def __init__(self, path: Path, cfg: DictConfig) -> None:
-        self.path, self.cfg, self.hash = Path(path), cfg, config_hash(cfg)
-        self._lock = None
 
-    def open(self, resume: str | None, rerun: bool) -> Decision:
-        """Claim the folder and decide (module doc); raises `ConfigError` if it is not ours
-        and `RunFileError` if a file it reads back is damaged. A rejected run leaves the
-        folder as it found it (and no folder at all where there was none)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._claim()
-        try:
-            decision = self._decide(resume, rerun)
-        except ConfigError:
-            self._abandon()
-            raise
-        if decision.action != "finished":  # a finished run's folder is read-only
-            remove_stale_temporaries(self.path)
-        return decision
+# The plain-text record written before the JSON lines ("<unix time> job <n> (<overrides>):
+# <message>"): still read, so a sweep folder of an older regdrop keeps its failures.
+_OLD_LINE = re.compile(r"^(\d+(?:\.\d*)?) job (\S+) \((.*?)\): (.*)$")
 
-    def _decide(self, resume: str | None, rerun: bool) -> Decision:
-        try:
-            stored = self._stored_hash()
-        except RunFileError:
-            if not rerun:
-                raise
-            stored = self.hash  # the user chose to start afresh: every old file moves aside
-        used = stored is not None or any((self.path / f).exists() for f in ("metrics.jsonl", CHECKPOINT))
-        if used and stored != self.hash:
-            what = f"the run of another config (hash {stored})" if stored else "files of another run"
-            raise ConfigError("hydra.run.dir", f"{self.path} holds {what}, not this config's (hash "
-                              f"{self.hash}); a run never writes into another's folder. Use a fresh folder.")
-        explicit = resume not in (None, "auto", "never")
-        checkpoint = None
-        if explicit:
-            checkpoint = Path(resume)
-            checkpoint = checkpoint / CHECKPOINT if checkpoint.is_dir() else checkpoint
-            if not checkpoint.is_file():
-                raise ConfigError("trainer.resume", f"no checkpoint at {resume!r}; give a checkpoint "
-                                  "file or a run folder, or auto")
-            if load_checkpoint(checkpoint).get("config_hash") != self.hash:
-                raise ConfigError("trainer.resume", f"{checkpoint} is a checkpoint of another config; "
-                                  "resume a run with the config it was started with")
-        finished = self.path / "metrics.json"
-        if used and finished.exists() and not rerun:
-            summary = _read_summary(finished)
-            if explicit and self.path.resolve() in (Path(resume).resolve(), Path(resume).resolve().parent):
-                raise ConfigError("trainer.resume", f"{self.path} holds a finished run of this config, and a "
-                                  "finished run is read-only (trainer.resume included); trainer.rerun=true "
-                                  "runs it again (its files move to previous-<time>/)")
-            return Decision("finished", summary=summary)
-        if used and rerun:
-            archive = self._archive()  # nothing written is lost: the old files move aside
-            if checkpoint is not None and checkpoint.resolve().parent == self.path.resolve():
-                checkpoint = archive / checkpoint.name
-            used, stored = False, None
-        if checkpoint is not None:
-            if checkpoint.name == PREVIOUS and checkpoint.resolve().parent == self.path.resolve():
-                self._set_aside_latest()
-            return Decision("resume", checkpoint, write_config=stored is None)
-        if used and resume != "never" and (self.path / CHECKPOINT).exists():
-            load_checkpoint(self.path / CHECKPOINT)  # a damaged one stops here, named, nothing changed
-            return Decision("resume", self.path / CHECKPOINT)
-        if used:
-            self._archive()  # a run killed before its first checkpoint: start again, keep its files
-        return Decision("fresh", write_config=True)
 
-    def write_config(self) -> None:
-        """The config, the overrides and what else decides the result (environment.json)."""
-        hydra = self.path / ".hydra"
-        hydra.mkdir(exist_ok=True)
-        OmegaConf.save(self.cfg, hydra / "config.yaml")
-        try:
-            from hydra.core.hydra_config import HydraConfig
+def read_failed_jobs(sweep_dir: Path) -> tuple[list[FailedJob], int]:
+    """The sweep's failed jobs, oldest first, and the number of lines that are neither a
+    record nor an older regdrop's line (torn, or not written by regdrop): counted, not fatal."""
+    path = Path(sweep_dir) / FAILED_JOBS
+    if not path.exists():
+        return [], 0
+    records, unreadable = [], 0
+    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        record = _parse_failed_job(text)
+        if record is None:
+            unreadable += bool(text.strip())
+        else:
+            records.append(record)
+    return records, unreadable
 
-            if HydraConfig.initialized():
-                OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), hydra / "overrides.yaml")
-                OmegaConf.save(OmegaConf.create({"hydra": HydraConfig.get()}), hydra / "hydra.yaml")
-        except ValueError:
-            pass
-        if not (hydra / "overrides.yaml").exists():
-            OmegaConf.save(OmegaConf.create([]), hydra / "overrides.yaml")
-        (self.path / "environment.json").write_text(json.dumps(environment(self.hash), indent=2) + "\n")
 
-    def _abandon(self) -> None:
-        """A rejected run: release the folder, removing the ``.lock`` (while still held, so
-        no other run's) and the folder itself when nothing else is in it."""
-        if self._lock is not None and [p.name for p in self.path.iterdir()] == [".lock"]:
-            (self.path / ".lock").unlink()
-        self.release()
-        with contextlib.suppress(OSError):
-            self.path.rmdir()  # only succeeds when empty
-
-    def _set_aside_latest(self) -> None:
-        """A resume from ``checkpoint.prev.pt``: the latest checkpoint (damaged, or not the
-        one chosen) moves aside, so rotating the next one in does not replace the previous."""
-        latest = self.path / CHECKPOINT
-        if latest.exists():
-            stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-            latest.rename(self.path / f"checkpoint.set-aside-{stamp}.pt")
-
-    def release(self) -> None:
-        if self._lock is not None:
-            _HELD.pop(str(self.path.resolve()), None)
-            self._lock.close()
-            self._lock = None
-
-    def _claim(self) -> None:
-        key = str(self.path.resolve())
-        if key in _HELD:  # this process held it in a run that ended with an error: take it back
-            _HELD.pop(key).close()
-        self._lock = open(self.path / ".lock", "a+")  # noqa: SIM115
-        _HELD[key] = self._lock
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.release()
-            raise ConfigError("hydra.run.dir", f"{self.path} is in use by a running run of this config "
-                              "(another process holds it); wait for it or stop it") from None
-
-    def _stored_hash(self) -> str | None:
-        stored = self.path / ".hydra" / "config.yaml"
-        if not stored.exists():
+def _parse_failed_job(text: str) -> FailedJob | None:
+    try:
+        fields = json.loads(text)
+        record = FailedJob(float(fields["time"]), fields["job"], [str(o) for o in fields["overrides"]],
+                           str(fields["message"]))
+        return record if isinstance(fields["overrides"], list) else None
+    except (ValueError, TypeError, KeyError):
+        old = _OLD_LINE.match(text)
+        if old is None:
             return None
-        try:
-            saved = OmegaConf.load(stored)
-            return config_hash(saved)
-        except Exception as err:  # noqa: BLE001 - torn YAML, garbage, a config of nothing regdrop knows
-            raise RunFileError(stored, f"cannot be read as the run's config ({read_error(err)}), so the "
-                               "folder's run cannot be told from another config's", [
-                                   "restore the file (its run's overrides are in .hydra/overrides.yaml)",
-                                   "start afresh here with trainer.rerun=true (every file moves to "
-                                   "previous-<time>/)",
-                                   "or set hydra.run.dir to another folder"]) from None
-
-    def _archive(self) -> Path:
-        """Move a previous attempt's files aside: nothing written is ever lost."""
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-        target = self.path / f"previous-{stamp}"
-        target.mkdir()
-        for name in RESULT_FILES:
-            if (self.path / name).exists():
-                shutil.move(str(self.path / name), str(target / name))
-        return target
-
-
-def _read_summary(path: Path) -> dict[str, Any]:
-    """A finished run's ``metrics.json``; a `RunFileError` when it is torn or garbage."""
-    try:
-        summary = json.loads(path.read_text())
-        if not isinstance(summary, dict):
-            raise ValueError(f"a JSON {type(summary).__name__}, not the summary's object")
-    except (ValueError, UnicodeDecodeError) as err:
-        raise RunFileError(path, f"cannot be read as the run's summary ({read_error(err)})", [
-            "run it again with trainer.rerun=true (its files move to previous-<time>/)",
-            f"or delete {path.name} and run the same command again: the run resumes from its "
-            "last checkpoint and writes the summary anew"]) from None
-    return summary
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove the ``.<name>.<pid>.tmp`` files of processes that are gone (a write killed
-    midway); a live process's are kept. Returns the removed paths."""
-    removed = []
-    for path in folder.glob(".*.tmp"):
-        pid = path.name[: -len(".tmp")].rpartition(".")[2]
-        if not pid.isdigit() or _alive(int(pid)):
-            continue
-        with contextlib.suppress(OSError):
-            path.unlink()
-            removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def environment(config_hash: str) -> dict[str, Any]:
-    """What else decides a result: regdrop's commit (and a dirty tree), library versions."""
-    import importlib.metadata as metadata
-
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    root = Path(__file__).resolve().parents[1]
-    commit = dirty = None
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        if commit:
-            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10).stdout
-            dirty = bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"config_hash": config_hash, "git_commit": commit, "git_dirty": dirty, "versions": versions,
-            "host": platform.node(), "pid": os.getpid()}
+        return FailedJob(float(old.group(1)), old.group(2), old.group(3).split(), old.group(4))

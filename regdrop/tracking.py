@@ -50,6 +50,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from regdrop.errors import ConfigError, RunFileError, check_keys, read_error
+from regdrop.runfolder import METRICS_LOG, STATUS, SUMMARY, TRAIN_LOG, RunStatus
 from regdrop.wandb_log import (
     DERIVED_SUMMARIES,
     check_log_checkpoints,
@@ -103,12 +104,12 @@ class RunTracker:
         if not self.enabled:
             return self
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        metrics = self.output_dir / "metrics.jsonl"
+        metrics = self.output_dir / METRICS_LOG
         gap = self._cut_metrics(metrics) if self._metrics_bytes is not None else None
         self._jsonl = open(metrics, "a", buffering=1)  # noqa: SIM115
-        self._log = open(self.output_dir / "train.log", "a", buffering=1)  # noqa: SIM115
+        self._log = open(self.output_dir / TRAIN_LOG, "a", buffering=1)  # noqa: SIM115
         now = _now()
-        self._status = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
+        self._status = {"status": RunStatus.RUNNING, "pid": os.getpid(), "host": socket.gethostname(),
                         "started": now, "updated": now}
         self._write_status()
         if gap is not None:
@@ -130,10 +131,10 @@ class RunTracker:
         if kind is None:
             self.finish(None)
         elif issubclass(kind, KeyboardInterrupt):
-            self._close("interrupted", exit_code=255)
+            self._close(RunStatus.INTERRUPTED, exit_code=255)
         else:
             reason = None if isinstance(err, SystemExit) else read_error(err)
-            self._close(getattr(err, "run_status", "failed"), exit_code=1, reason=reason)
+            self._close(getattr(err, "run_status", RunStatus.FAILED), exit_code=1, reason=reason)
 
     def _cut_metrics(self, metrics: Path) -> dict[str, int] | None:
         """A resume: cut metrics.jsonl back to what the checkpoint covers (whole lines only).
@@ -243,7 +244,7 @@ class RunTracker:
             if self.gaps:  # steps whose records a crash lost: the summary says so
                 summary = {**summary, "metrics_gaps": [[g["from_step"], g["to_step"]] for g in self.gaps]}
             text = json.dumps(_clean(summary), indent=2)
-            write_atomically(self.output_dir / "metrics.json", lambda f: f.write(text.encode()))
+            write_atomically(self.output_dir / SUMMARY, lambda f: f.write(text.encode()))
 
             def record(run):
                 for key, value in summary.items():
@@ -251,9 +252,9 @@ class RunTracker:
                         run.summary[key] = value
 
             self._wandb(record)
-        self._close("finished", exit_code=0)
+        self._close(RunStatus.FINISHED, exit_code=0)
 
-    def preempted(self, status: str = "preempted") -> None:
+    def preempted(self, status: str = RunStatus.PREEMPTED) -> None:
         """Close as stopped on request: wandb marked preempting, ``run.json`` says so."""
         self._wandb(lambda run: run.mark_preempting())
         self._close(status, exit_code=0)
@@ -295,7 +296,7 @@ class RunTracker:
 
     def _write_status(self) -> None:
         text = json.dumps(self._status, indent=2) + "\n"
-        write_atomically(self.output_dir / "run.json", lambda f: f.write(text.encode()), durable=False)
+        write_atomically(self.output_dir / STATUS, lambda f: f.write(text.encode()), durable=False)
 
 
 @dataclass

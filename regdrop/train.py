@@ -45,10 +45,11 @@ from regdrop.methods import (
     training_loss,
 )
 from regdrop.models import build_model
+from regdrop.opening import FINISHED, RESUME, RunFolder
 from regdrop.optim import build_lr_schedule, build_optimizer, describe_optimizer
 from regdrop.plots import plot_schedules
 from regdrop.preemption import Preemption
-from regdrop.runfolder import RunFolder
+from regdrop.runfolder import SCHEDULE_PLOT, SURGERY, RunStatus
 from regdrop.runtime import Runtime, setup_runtime
 from regdrop.schedules import DropSchedule, steps_per_epoch
 from regdrop.tracking import RunTracker, StepLog
@@ -61,7 +62,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     runtime = setup_runtime(trainer, cfg.seed)
     folder = RunFolder(output_dir, cfg)
     decision = runtime.broadcast(folder.open(trainer.resume, trainer.rerun) if runtime.is_main else None)
-    if decision.action == "finished":
+    if decision.action == FINISHED:
         print(f"regdrop: {output_dir} holds a finished run of this config (test/acc "
               f"{decision.summary.get('test/acc')}); not run again (trainer.rerun=true to rerun it)")
         return decision.summary
@@ -88,7 +89,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Off by default; on, it measures without changing training (docs/diagnostics.md).
     diagnostics = Diagnostics(cfg.diagnostics, model, data, seed=cfg.seed,
                               batch_size=cfg.data.batch_size * trainer.grad_accum)
-    resumed = restore(decision.checkpoint, parts, state, diagnostics) if decision.action == "resume" else {}
+    resumed = restore(decision.checkpoint, parts, state, diagnostics) if decision.action == RESUME else {}
     parts.net = wrap(model, runtime, trainer)
 
     with RunTracker(output_dir, cfg, enabled=runtime.is_main, resumed=resumed) as tracker, \
@@ -122,7 +123,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     show(bar, state, step_log.flush())
                     checkpoint(output_dir, parts, state, tracker, diagnostics, cfg)
                 if stop:
-                    tracker.preempted("interrupted" if preemption.signal == signal.SIGINT else "preempted")
+                    tracker.preempted(RunStatus.INTERRUPTED if preemption.signal == signal.SIGINT else RunStatus.PREEMPTED)
                     preemption.stop()
             show(bar, state, step_log.flush())
             bar.close()
@@ -160,7 +161,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 class Diverged(RuntimeError):
     """The loss (or a weight) stopped being finite; the last good checkpoint is kept."""
 
-    run_status = "diverged"
+    run_status = RunStatus.DIVERGED
 
     def __init__(self, step: int, output_dir: Path | None = None) -> None:
         self.step = step
@@ -186,14 +187,14 @@ def announce(tracker, cfg, data, model, report, checked, runtime, per_epoch, tot
     tracker.print(f"drop rate: peak {peak_rate(model):g}, schedule {schedule.describe()}")
     for warning in checked.warnings:
         tracker.warn(warning)
-    tracker.write_text("surgery.txt", "\n".join(report.lines()))
+    tracker.write_text(SURGERY, "\n".join(report.lines()))
     tracker.log_config_extra({"surgery": report.counts(), "method_options": report.options,
                               "steps_per_epoch": per_epoch, "total_steps": total_steps,
                               "parameters": parameters, "device": str(runtime.device),
                               "world_size": runtime.world_size})
     if runtime.is_main:
         plot = plot_schedules([(schedule.name, schedule)], peak_rate(model), total_steps, per_epoch,
-                              tracker.output_dir / "drop_schedule.png",
+                              tracker.output_dir / SCHEDULE_PLOT,
                               title=f"{cfg.dropout.name}: {schedule.describe()}")
         tracker.log_image("drop_schedule", plot)
 

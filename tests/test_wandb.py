@@ -191,7 +191,7 @@ def test_report_wandb_logs_the_table_and_figures_into_one_run_of_the_group(sweep
 
 
 def test_a_single_run_has_its_own_group_a_short_name_and_no_artifact_by_default(make_config):
-    from regdrop.runfolder import config_hash
+    from regdrop.identity import config_hash
     from regdrop.train import train
 
     cfg = make_config("logger=wandb", *TINY_MODELS["lenet"], "dropout=gyro", "dropout.sigma=8", "dropout.tau=2")

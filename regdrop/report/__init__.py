@@ -38,6 +38,7 @@ from regdrop.report.evidence import (
 )
 from regdrop.report.runs import (
     DEFAULT_STALE_S,
+    FINISHED,
     UNREADABLE,
     ExpectedJob,
     Job,
@@ -220,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CannotWrite as err:
         print(f"regdrop-report: {err}", file=sys.stderr)
         return 2
-    finished = sum(job.status == "finished" for job in report.jobs)
+    finished = sum(job.status == FINISHED for job in report.jobs)
     print(f"{report.path}: {len(report.jobs)} job(s), {finished} finished, "
           f"{len(report.layout.cells)} cell(s), {len(report.figures)} figure(s)")
     if args.wandb:

@@ -23,30 +23,43 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# Statuses a job can have. "finished" jobs count in the table; every other one is named in
-# the report's list of what is missing.
-FINISHED = "finished"
-RUNNING = "running"
+from regdrop.runfolder import (
+    CONFIG,
+    HYDRA,
+    METRICS_LOG,
+    OVERRIDES,
+    STATUS,
+    SUMMARY,
+    SWEEP_CONFIG,
+    RunStatus,
+    outside_result,
+    read_failed_jobs,
+)
+
+# Statuses a job can have: what run.json says (`RunStatus`), and what the report tells from
+# the files besides. Finished jobs count in the table; every other one is named in the
+# report's list of what is missing.
+FINISHED = RunStatus.FINISHED.value
+RUNNING = RunStatus.RUNNING.value
+FAILED = RunStatus.FAILED.value
+PREEMPTED = RunStatus.PREEMPTED.value
+DIVERGED = RunStatus.DIVERGED.value
+INTERRUPTED = RunStatus.INTERRUPTED.value
 KILLED = "killed"
 STOPPED = "stopped"  # no summary and no run.json: killed or crashed, the files cannot tell
-FAILED = "failed"
 FAILED_EARLY = "failed before training"
-PREEMPTED = "preempted"
-DIVERGED = "diverged"
-INTERRUPTED = "interrupted"
 UNREADABLE = "unreadable"  # a file of the job folder is torn or garbage: named in the detail
 # What run.json says; any other word it holds is reported as it is.
-RUN_STATUSES = (RUNNING, FINISHED, FAILED, PREEMPTED, DIVERGED, INTERRUPTED)
+RUN_STATUSES = tuple(status.value for status in RunStatus)
 
 # A running run whose files have not changed for this long is taken as dead (runs on other
 # hosts, whose pid cannot be checked from here).
 DEFAULT_STALE_S = 15 * 60
 
-# Override keys that never split a cell: the seed is averaged over, and these change where
-# and how a run is executed or logged, not its result.
-NOT_SWEPT = ("seed", "logger", "paths", "hydra", "trainer.device", "trainer.progress",
-             "trainer.resume", "data.num_workers", "data.root", "data.download", "local",
-             "table", "tags", "optimized_metric")
+# Override keys that never split a cell: the seed is averaged over, and the keys outside a
+# result (`regdrop.runfolder.OUTSIDE_RESULT`, the run identity's list too) change where and
+# how a run is executed or logged, not its result.
+AVERAGED = "seed"
 
 _MISSING = object()
 
@@ -104,16 +117,15 @@ def override_key(written: str) -> str:
 
 
 def ignored_key(key: str) -> bool:
-    """Whether override ``key`` is one of `NOT_SWEPT` (or below one)."""
+    """Whether override ``key`` never splits a cell: the seed, or a key outside a result."""
     key = override_key(key)
-    return any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in NOT_SWEPT)
+    return key == AVERAGED or outside_result(key)
 
 
 def result_overrides(overrides: Mapping[str, str]) -> dict[str, str]:
-    """The overrides that decide a run's result: keys without prefix, `NOT_SWEPT` ones out
-    except the seed (a job's identity within its cell)."""
-    return {override_key(k): v for k, v in overrides.items()
-            if override_key(k) == "seed" or not ignored_key(k)}
+    """The overrides that decide a run's result: keys without prefix, the keys outside a
+    result left out (the seed is kept: a job's identity within its cell)."""
+    return {override_key(k): v for k, v in overrides.items() if not outside_result(override_key(k))}
 
 
 def format_value(value: Any) -> str:
@@ -273,7 +285,7 @@ def job_status(job: Job, *, stale_s: float = DEFAULT_STALE_S, now: float | None 
     """
     now = time.time() if now is None else now
     host = socket.gethostname() if host is None else host
-    log = job.path / "metrics.jsonl"
+    log = job.path / METRICS_LOG
     log_age = now - log.stat().st_mtime if log.exists() else None
     info = job.run_info
     if isinstance(info, Mapping) and isinstance(info.get("status"), str) and info["status"]:
@@ -284,18 +296,18 @@ def job_status(job: Job, *, stale_s: float = DEFAULT_STALE_S, now: float | None 
             age = min(ages) if ages else None
             pid = info.get("pid")
             if info.get("host") == host and isinstance(pid, int) and not pid_alive(pid):
-                return KILLED, f"run.json says running, but pid {pid} is gone on {host}"
+                return KILLED, f"{STATUS} says running, but pid {pid} is gone on {host}"
             if age is not None and age > stale_s:
-                return KILLED, f"run.json says running, but nothing changed for {age / 60:.0f} min"
+                return KILLED, f"{STATUS} says running, but nothing changed for {age / 60:.0f} min"
             return RUNNING, f"on {info.get('host', '?')}, pid {pid}"
         if status == FINISHED and job.summary is None:
-            return STOPPED, "run.json says finished, but metrics.json is missing"
+            return STOPPED, f"{STATUS} says finished, but {SUMMARY} is missing"
         return status, note
     if job.summary is not None:
         return FINISHED, ""
     if job.train or job.evals:
         if log_age is not None and log_age <= stale_s:
-            return RUNNING, f"metrics.jsonl written {log_age:.0f} s ago (no run.json)"
+            return RUNNING, f"{METRICS_LOG} written {log_age:.0f} s ago (no {STATUS})"
         return STOPPED, "no metrics.json: killed or crashed (no run.json to tell which)"
     return FAILED_EARLY, ("no metrics were written: the run stopped before training (a bad "
                           "config value, say; the sweep's console output has the error)")
@@ -312,17 +324,16 @@ def load_job(path: Path, *, stale_s: float = DEFAULT_STALE_S) -> Job:
     ``unreadable`` with the file and the error in its detail (its overrides, when they can
     be read, still place it in its cell); nothing here raises for a damaged file.
     """
-    hydra_dir = path / ".hydra"
     notes = []
     try:
-        config = OmegaConf.load(hydra_dir / "config.yaml")
+        config = OmegaConf.load(path / CONFIG)
         if not isinstance(config, DictConfig):
             raise ValueError("not a mapping")
         config_error = ""
     except Exception as err:  # noqa: BLE001 - any damage is reported, never raised
-        config, config_error = OmegaConf.create({}), _unreadable(hydra_dir / "config.yaml", err)
+        config, config_error = OmegaConf.create({}), _unreadable(path / CONFIG, err)
     choices: dict[str, str | None] = {}
-    hydra_file = hydra_dir / "hydra.yaml"
+    hydra_file = path / HYDRA
     if hydra_file.exists():
         try:
             found = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices")
@@ -332,27 +343,27 @@ def load_job(path: Path, *, stale_s: float = DEFAULT_STALE_S) -> Job:
         except Exception as err:  # noqa: BLE001
             notes.append(_unreadable(hydra_file, err))
     try:
-        overrides = _read_overrides(hydra_dir / "overrides.yaml")
+        overrides = _read_overrides(path / OVERRIDES)
     except Exception as err:  # noqa: BLE001
         overrides = {}
-        notes.append(_unreadable(hydra_dir / "overrides.yaml", err))
+        notes.append(_unreadable(path / OVERRIDES, err))
     job = Job(path=path, config=config, overrides=overrides, choices=choices)
-    summary, summary_error = _read_json(path / "metrics.json")
+    summary, summary_error = _read_json(path / SUMMARY)
     job.summary = summary if isinstance(summary, dict) else None
     if summary is not None and job.summary is None and not summary_error:
-        summary_error = "metrics.json unreadable (not a JSON object)"
-    if (path / "metrics.jsonl").exists():
+        summary_error = f"{SUMMARY} unreadable (not a JSON object)"
+    if (path / METRICS_LOG).exists():
         try:
-            job.train, job.evals, bad = read_metrics_log(path / "metrics.jsonl")
-            job.diagnostics = read_diagnostics(path / "metrics.jsonl")
+            job.train, job.evals, bad = read_metrics_log(path / METRICS_LOG)
+            job.diagnostics = read_diagnostics(path / METRICS_LOG)
         except OSError as err:
             bad = 0
-            notes.append(_unreadable(path / "metrics.jsonl", err))
+            notes.append(_unreadable(path / METRICS_LOG, err))
         if bad:
-            notes.append(f"{bad} unreadable line(s) in metrics.jsonl")
+            notes.append(f"{bad} unreadable line(s) in {METRICS_LOG}")
     if job.summary and job.summary.get("metrics_gaps"):
-        notes.append(f"metrics.jsonl lacks the steps a crash lost: {job.summary['metrics_gaps']}")
-    run_info, note = _read_json(path / "run.json")
+        notes.append(f"{METRICS_LOG} lacks the steps a crash lost: {job.summary['metrics_gaps']}")
+    run_info, note = _read_json(path / STATUS)
     job.run_info = run_info if isinstance(run_info, dict) else None
     notes.append(note)
     damaged = [e for e in (config_error, summary_error) if e]
@@ -369,7 +380,7 @@ def load_job(path: Path, *, stale_s: float = DEFAULT_STALE_S) -> Job:
 def find_job_dirs(root: Path) -> list[Path]:
     """Every folder below ``root`` (or ``root`` itself) holding ``.hydra/config.yaml``,
     in natural order (``2`` before ``10``)."""
-    found = {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+    found = {p.parent.parent for p in root.rglob(CONFIG)}
     return sorted(found, key=lambda p: natural_key(str(p)))
 
 
@@ -439,7 +450,7 @@ def find_sweeps(roots: Iterable[Path]) -> list[Sweep]:
     """The grid of every ``multirun.yaml`` at or below the ``roots``."""
     sweeps = []
     for root in roots:
-        for path in sorted(Path(root).rglob("multirun.yaml")):
+        for path in sorted(Path(root).rglob(SWEEP_CONFIG)):
             try:
                 sweeps.append(sweep_grid(path))
             except Exception as err:  # a hand-edited file must not stop the report
@@ -447,27 +458,16 @@ def find_sweeps(roots: Iterable[Path]) -> list[Sweep]:
     return sweeps
 
 
-# The sweep's record of jobs that failed cleanly (a rejected config writes no job folder):
-# one line per failure, "<unix time> job <n> (<overrides>): <message>".
-FAILED_JOBS = "failed_jobs.txt"
-_FAILED_LINE = re.compile(r"^(\S+) job (\S+) \((.*?)\): (.*)$")
-
-
-def read_failed_jobs(root: Path) -> list[tuple[dict[str, str], str]]:
-    """(overrides, message) of each job a sweep recorded as failed, oldest first."""
-    path = root / FAILED_JOBS
-    if not path.exists():
-        return []
+def failed_jobs(root: Path) -> list[tuple[dict[str, str], str]]:
+    """(overrides, message) of each job the sweep at ``root`` recorded as failed
+    (`regdrop.runfolder.FailedJob`), oldest first."""
     failures = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        match = _FAILED_LINE.match(line)
-        if not match:
-            continue
+    for record in read_failed_jobs(root)[0]:
         try:
-            overrides = parse_overrides(match.group(3).split())
-        except Exception:  # an override with spaces in it: not matched, not fatal
+            overrides = parse_overrides(record.overrides)
+        except Exception:  # noqa: BLE001 - an override an older regdrop split at its spaces
             continue
-        failures.append((overrides, match.group(4)))
+        failures.append((overrides, record.message))
     return failures
 
 
@@ -493,14 +493,14 @@ class ExpectedJob:
 
 def missing_jobs(sweeps: Iterable[Sweep], jobs: Iterable[Job]) -> list[ExpectedJob]:
     """The jobs the sweeps launch for which no job folder exists. A folder holds a job when
-    its overrides are the job's, up to the keys that do not change a result (`NOT_SWEPT`: a
+    its overrides are the job's, up to the keys that do not change a result (`outside_result`: a
     resumed job may carry ``trainer.resume``, say). A job the sweep recorded as failed is
     "failed before training", with the recorded error; the others are "missing"."""
     present = [result_overrides(job.overrides) for job in jobs]
     missing: list[ExpectedJob] = []
     seen: list[dict[str, str]] = []
     for sweep in sweeps:
-        failures = read_failed_jobs(sweep.root)
+        failures = failed_jobs(sweep.root)
         for expected in sweep.jobs:
             wanted = result_overrides(expected)
             if wanted in present or wanted in seen:

@@ -27,6 +27,7 @@ from regdrop.report.runs import (
     natural_key,
     result_overrides,
 )
+from regdrop.runfolder import SUMMARY
 
 # Summary keys (metrics.json) a table can report, and what each one is.
 METRICS = {
@@ -582,7 +583,7 @@ def _mark_duplicate_seeds(cell: Cell) -> None:
             by_seed.setdefault(format_value(job.seed), []).append(job)
     for same in by_seed.values():
         if len(same) > 1:
-            same.sort(key=lambda j: (j.path / "metrics.json").stat().st_mtime)
+            same.sort(key=lambda j: (j.path / SUMMARY).stat().st_mtime)
             cell.duplicates.extend(same[:-1])
 
 

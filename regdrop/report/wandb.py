@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from regdrop.report.runs import FINISHED
+
 # A markdown table cell boundary: a `|` that markdown_table did not escape.
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")
 
@@ -87,7 +89,7 @@ def log_report(report, out_dir: Path) -> str:
             logged[f"report/figures/{Path(path).stem}"] = wandb.Image(str(path))
         run.log(logged)
         run.summary.update({"jobs": len(jobs), "cells": len(report.layout.cells),
-                            "finished": sum(job.status == "finished" for job in jobs)})
+                            "finished": sum(job.status == FINISHED for job in jobs)})
         folder = str(Path(run.dir).parent)
     finally:
         run.finish()
