@@ -16,7 +16,7 @@ import pytest
 from omegaconf import open_dict
 from torchvision.datasets import CIFAR10, CIFAR100
 
-import regdrop.data
+import regdrop.data.checks
 from regdrop.cli import run
 from regdrop.data import build_data
 from regdrop.errors import ConfigError
@@ -111,7 +111,7 @@ def test_a_damaged_unpacked_fashion_mnist_file_is_named_with_what_to_do(name, ho
     raw = data_root / "FashionMNIST" / "raw"
     write_fashion_mnist(raw)
     break_file(raw / name, how)
-    monkeypatch.setattr(regdrop.data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    monkeypatch.setattr(regdrop.data.checks, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
     message = rejected(config(tmp_path, data_root, *FASHION), capsys, data_root)
     assert message.startswith(squeeze(f"regdrop: error in {raw / name}: "))
     problem = {"truncated": "truncated", "garbage": "not an IDX file", "wrong magic": "magic number",
@@ -125,7 +125,7 @@ def test_fashion_mnist_images_and_labels_that_disagree_are_named(tmp_path, capsy
     write_fashion_mnist(raw)
     labels = idx_bytes("train-labels-idx1-ubyte")
     (raw / "train-labels-idx1-ubyte").write_bytes(labels[:4] + np.array([40], ">u4").tobytes() + labels[8:48])
-    monkeypatch.setattr(regdrop.data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    monkeypatch.setattr(regdrop.data.checks, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
     message = rejected(config(tmp_path, data_root, *FASHION), capsys, data_root)
     assert squeeze("holds 48 images but train-labels-idx1-ubyte beside it holds 40 labels") in message
 
@@ -135,7 +135,7 @@ def test_a_damaged_debian_fashion_mnist_file_is_named_and_leaves_no_copy(how, tm
     debian, data_root = tmp_path / "debian", tmp_path / "data"
     write_fashion_mnist(debian, packed=True)
     break_file(debian / "t10k-images-idx3-ubyte.gz", how)
-    monkeypatch.setattr(regdrop.data, "DEBIAN_FASHION_MNIST", debian)
+    monkeypatch.setattr(regdrop.data.checks, "DEBIAN_FASHION_MNIST", debian)
     message = rejected(config(tmp_path, data_root, *FASHION), capsys, debian)
     assert message.startswith(squeeze(f"regdrop: error in {debian / 't10k-images-idx3-ubyte.gz'}: "))
     assert squeeze("apt-get install --reinstall dataset-fashion-mnist") in message
@@ -148,7 +148,7 @@ def test_the_way_forward_from_a_damaged_copy_works_delete_it_and_it_is_unpacked_
                                                                                       monkeypatch):
     debian, data_root = tmp_path / "debian", tmp_path / "data"
     write_fashion_mnist(debian, packed=True)
-    monkeypatch.setattr(regdrop.data, "DEBIAN_FASHION_MNIST", debian)
+    monkeypatch.setattr(regdrop.data.checks, "DEBIAN_FASHION_MNIST", debian)
     cfg = config(tmp_path, data_root, *FASHION)
     unpacked = build_data(cfg.data).info  # unpacked from the "Debian" files and read
     assert (unpacked.num_train, unpacked.num_test) == (48, 16)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import regdrop.data
+import regdrop.data.sources
 import regdrop.train
 from regdrop.data import DataInfo, TensorLoader
 from regdrop.errors import ConfigError
@@ -55,7 +55,7 @@ def test_every_bad_value_is_reported_before_any_data_is_read(make_config, monkey
         raise AssertionError("the data was read before the config was checked")
 
     for loader in ("_synthetic", "_fashion_mnist", "_cifar", "_imagenet"):
-        monkeypatch.setattr(regdrop.data, loader, touched)
+        monkeypatch.setattr(regdrop.data.sources, loader, touched)
     monkeypatch.setattr(regdrop.train, "build_data", touched)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     with pytest.raises(ConfigError) as err:
