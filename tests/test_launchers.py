@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import read_write
 
+from regdrop.runfolder import read_failed_jobs
 from tests.conftest import CONF, FASHION_MNIST_INSTALLED, TINY, TINY_MODELS, run_cli
 
 WITH_WANDB = [o for o in TINY if o != "logger=none"]
@@ -35,8 +36,7 @@ def job_dirs(sweep: Path) -> list[Path]:
 
 def failed_jobs(sweep: Path) -> list[str]:
     """Jobs rejected before they wrote a folder (regdrop.cli records them)."""
-    path = sweep / "failed_jobs.txt"
-    return path.read_text().splitlines() if path.exists() else []
+    return [record.line() for record in read_failed_jobs(sweep)[0]]
 
 
 def job_overrides(job: Path) -> dict[str, str]:
