@@ -21,13 +21,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import random
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from regdrop.errors import RunFileError, read_error
@@ -100,20 +98,24 @@ class TrainState:
             setattr(self, key, value)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global random generator a run draws from."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def checkpoint_payload(stateful: dict[str, Any], state: TrainState, rng: list[Any],
+                       facts: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint holds: the ``state_dict`` of each of ``stateful`` under its key
+    (``model``, ``optimizer``, ``lr_schedule``, ``scaler``), the loop's counters under
+    ``state``, every rank's global random state by rank under ``rng``, and the run's
+    ``facts``: ``config_hash``, ``metrics_bytes`` (the length of metrics.jsonl it covers),
+    ``wandb_run_id``, ``diagnostics_initial`` and ``world_size``."""
+    return {**{key: value.state_dict() for key, value in stateful.items()},
+            "state": state.state_dict(), "rng": rng, **facts}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def restore_checkpoint(saved: dict[str, Any], stateful: dict[str, Any], state: TrainState, rank: int) -> Any:
+    """Load a `checkpoint_payload` back into ``stateful`` and ``state``; return the global
+    random state saved by ``rank`` (rank 0's when the run had fewer processes)."""
+    for key, value in stateful.items():
+        value.load_state_dict(saved[key])
+    state.load_state_dict(saved["state"])
+    return saved["rng"][rank if rank < len(saved["rng"]) else 0]
 
 
 def save_atomically(payload: dict[str, Any], path: Path, keep_previous: bool = False) -> Path:

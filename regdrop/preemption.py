@@ -1,6 +1,9 @@
 """Stop cleanly when asked to: SIGTERM, SIGUSR1, SIGUSR2 and Ctrl-C become a request that
 the training loop honours at the next optimizer-step boundary (checkpoint, finish wandb as
 preempted, exit with a status that says so), never a half-written file or a traceback.
+Under data parallelism the ranks agree on it at the next log flush (every
+``trainer.log_every`` steps, in the all-reduce the log makes anyway): every rank stops at
+the same step boundary, and no step pays a collective for it.
 
 * SIGTERM (``kill``, ``timeout``, ``docker stop``, SLURM) and SIGUSR1: exit status
   `PREEMPTED` (3) after the checkpoint; running the same command again resumes.
@@ -99,10 +102,17 @@ class Preemption:
         self.signal = number
 
     def stop(self) -> None:
-        """After the checkpoint: hand over to an earlier handler (submitit's requeue), or exit."""
+        """After the checkpoint: hand over to an earlier handler (submitit's requeue), or exit.
+
+        Under data parallelism a rank that received no signal stops too, at the same step
+        as the rank that did (they agree at a log flush), with the status `PREEMPTED`."""
         number = self.signal
         previous = self._previous.get(number)
         self.__exit__()
+        if number is None:
+            _say("regdrop: stopped with the run's other processes, one of which was asked to stop, "
+                 f"after writing the checkpoint; run the same command again to resume (exit status {PREEMPTED})")
+            raise Preempted(PREEMPTED)
         if callable(previous) and number != signal.SIGINT:
             previous(number, None)
         name = signal.Signals(number).name

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from regdrop.errors import ConfigError, check_keys, check_number
 from regdrop.rng import seed_global, stream_seed
@@ -89,6 +91,58 @@ class Runtime:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+class GradientAllReduce(nn.Module):
+    """Data parallelism for a model whose steps skip whole branches (block-mode stochastic
+    depth), without DDP's ``find_unused_parameters``.
+
+    DDP's reducer expects a gradient for every parameter; told that some may have none, it
+    walks the autograd graph after every forward to find them (measured in
+    docs/benchmarks.md). Here every rank skips the same branches (the gates draw alike), so
+    the parameters that have a gradient are the same set on every rank: after the step's
+    last backward, `all_reduce_gradients` averages exactly those in one flat all-reduce,
+    and a skipped branch keeps ``grad=None``, as on one process (the optimizer leaves it
+    alone: no momentum or weight decay step). Like DDP, the constructor copies rank 0's
+    parameters and buffers to every rank and each forward rank 0's buffers (batch-norm
+    statistics).
+    """
+
+    def __init__(self, module: nn.Module, world_size: int) -> None:
+        super().__init__()
+        self.module, self.world_size = module, world_size
+        _broadcast_from_first_rank([*module.parameters(), *module.buffers()])
+
+    def forward(self, *args, **kwargs):
+        _broadcast_from_first_rank(list(self.module.buffers()))
+        return self.module(*args, **kwargs)
+
+    def all_reduce_gradients(self) -> None:
+        """Average the gradients that exist over the ranks (one all-reduce per dtype)."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for parameter in self.module.parameters():
+            if parameter.grad is not None:
+                by_dtype.setdefault(parameter.grad.dtype, []).append(parameter.grad)
+        for grads in by_dtype.values():
+            flat = _flatten_dense_tensors(grads)
+            torch.distributed.all_reduce(flat)
+            flat /= self.world_size
+            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+                grad.copy_(reduced)
+
+
+@torch.compiler.disable
+def _broadcast_from_first_rank(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values of ``tensors`` on every rank (one broadcast per dtype)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    with torch.no_grad():
+        for group in by_dtype.values():
+            flat = _flatten_dense_tensors(group)
+            torch.distributed.broadcast(flat, src=0)
+            for tensor, value in zip(group, _unflatten_dense_tensors(flat, group), strict=True):
+                tensor.copy_(value)
 
 
 def check_seed(seed) -> None:

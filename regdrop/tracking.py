@@ -51,6 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regdrop.errors import ConfigError, RunFileError, check_keys, read_error
 from regdrop.runfolder import METRICS_LOG, STATUS, SUMMARY, TRAIN_LOG, RunStatus
+from regdrop.runtime import Runtime
 from regdrop.wandb_log import (
     DERIVED_SUMMARIES,
     check_log_checkpoints,
@@ -308,6 +309,7 @@ class StepValues:
     correct: list[int] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
     seconds: float = 0.0  # wall time of these steps, the wait for the device included
+    stop: bool = False  # a stop was asked for (on any rank, under data parallelism)
 
 
 class StepLog:
@@ -319,11 +321,14 @@ class StepLog:
     ``samples_per_s``: the throughput of the flushed window) and returns the values.
     Under data parallelism (``all_reduce_sum``: a sum over the ranks, in place) the values
     are the global batch's: the mean loss over ranks, the correct and sample counts summed.
+    A flush is also where the ranks agree to stop (`flush`'s ``stop``): the flag rides in
+    the same all-reduce, so a training step itself issues no collective and no host sync.
     """
 
-    def __init__(self, tracker: RunTracker, every: int, all_reduce_sum=None, world_size: int = 1) -> None:
+    def __init__(self, tracker: RunTracker, every: int, runtime: Runtime | None = None) -> None:
         self.tracker, self.every = tracker, every
-        self.all_reduce_sum, self.world_size = all_reduce_sum, world_size
+        self.runtime = runtime or Runtime(torch.device("cpu"), None)
+        self.world_size = self.runtime.world_size
         self._pending: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, int]] = []
         self._window_start = time.perf_counter()
 
@@ -336,15 +341,25 @@ class StepLog:
         self._pending.append((record, loss.detach(), correct.detach(), samples))
         return len(self._pending) >= self.every
 
-    def flush(self) -> StepValues:
-        values = StepValues()
+    def flush(self, stop: bool = False) -> StepValues:
+        """Write the held steps; ``stop``: this rank was asked to stop. Under data
+        parallelism every rank must flush at the same steps: ``values.stop`` is then True
+        on every rank when any asked (a sum of 0/1 flags, i.e. their maximum, in the
+        window's one all-reduce)."""
+        values = StepValues(stop=stop)
+        distributed = self.runtime.distributed
+        if not self._pending and not distributed:
+            return values
+        rows = [torch.stack([loss.float(), correct.float()]) for _, loss, correct, _ in self._pending]
+        flag = torch.tensor([float(stop), 0.0], device=self.runtime.device)
+        stacked = torch.stack([*rows, flag])  # the last row: the stop flag
+        if distributed:
+            self.runtime.all_reduce_sum(stacked)
+            stacked[:, 0] /= self.world_size
+        *read, (agreed, _) = stacked.tolist()  # the one host read of the window
+        values.stop = agreed > 0
         if not self._pending:
             return values
-        stacked = torch.stack([torch.stack([loss.float(), correct.float()]) for _, loss, correct, _ in self._pending])
-        if self.all_reduce_sum is not None and self.world_size > 1:
-            self.all_reduce_sum(stacked)
-            stacked[:, 0] /= self.world_size
-        read = stacked.tolist()  # the one host read of the window
         values.seconds = time.perf_counter() - self._window_start
         throughput = sum(s for *_, s in self._pending) * self.world_size / max(values.seconds, 1e-9)
         for (record, _, _, samples), (loss, correct) in zip(self._pending, read, strict=True):

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +24,13 @@ from regdrop.checkpoint import (
     BEST,
     CHECKPOINT,
     TrainState,
+    checkpoint_payload,
     load_checkpoint,
-    rng_state,
+    restore_checkpoint,
     save_atomically,
-    set_rng_state,
 )
-from regdrop.config import validate
-from regdrop.data import build_data, set_epoch
+from regdrop.config import Checked, validate
+from regdrop.data import Data, build_data, set_epoch
 from regdrop.diagnostics import Diagnostics, train_test_gap
 from regdrop.errors import ConfigError
 from regdrop.identity import config_hash
@@ -44,36 +45,124 @@ from regdrop.methods import (
     setup_run,
     training_loss,
 )
+from regdrop.methods.base import SurgeryReport
 from regdrop.models import build_model
 from regdrop.opening import FINISHED, RESUME, RunFolder
 from regdrop.optim import build_lr_schedule, build_optimizer, describe_optimizer
 from regdrop.plots import plot_schedules
 from regdrop.preemption import Preemption
+from regdrop.rng import capture_global_state, restore_global_state
 from regdrop.runfolder import SCHEDULE_PLOT, SURGERY, RunStatus
-from regdrop.runtime import Runtime, setup_runtime
+from regdrop.runtime import GradientAllReduce, Runtime, setup_runtime
 from regdrop.schedules import DropSchedule, steps_per_epoch
-from regdrop.tracking import RunTracker, StepLog
+from regdrop.tracking import RunTracker, StepLog, StepValues
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate the configured model; write the run folder; return the summary."""
-    checked = validate(cfg)  # every check, before any data is read or any model built
-    trainer, output_dir = cfg.trainer, Path(cfg.paths.output_dir)
-    runtime = setup_runtime(trainer, cfg.seed)
-    folder = RunFolder(output_dir, cfg)
-    decision = runtime.broadcast(folder.open(trainer.resume, trainer.rerun) if runtime.is_main else None)
+    # Set up: every check before any data is read; the run folder says what to do.
+    checked = validate(cfg)
+    runtime = setup_runtime(cfg.trainer, cfg.seed)
+    folder = RunFolder(Path(cfg.paths.output_dir), cfg)
+    decision = runtime.broadcast(folder.open(cfg.trainer.resume, cfg.trainer.rerun) if runtime.is_main else None)
     if decision.action == FINISHED:
-        print(f"regdrop: {output_dir} holds a finished run of this config (test/acc "
+        print(f"regdrop: {cfg.paths.output_dir} holds a finished run of this config (test/acc "
               f"{decision.summary.get('test/acc')}); not run again (trainer.rerun=true to rerun it)")
         return decision.summary
     if runtime.is_main and decision.write_config:
         folder.write_config()
+    run = build_run(cfg, runtime, checked)
+
+    # Resume: weights, optimizer, schedules, counters and random generators, exactly.
+    resumed = restore(run, decision.checkpoint) if decision.action == RESUME else {}
+    run.parts.net = wrap(run.model, runtime, cfg.trainer)  # after the restore: DDP copies rank 0's weights
+
+    # The loop: optimizer steps; values are read (and the ranks talk) every trainer.log_every.
+    trainer, state = cfg.trainer, run.state
+    with RunTracker(run.output_dir, cfg, enabled=runtime.is_main, resumed=resumed) as tracker, \
+            Preemption() as preemption:
+        announce(run, tracker)
+        step_log = StepLog(tracker, trainer.log_every, runtime)
+        run_start = time.perf_counter()
+        for epoch in range(state.next_epoch(), trainer.epochs + 1):
+            batches, bar = start_epoch(run, epoch)
+            step_log.start_window()
+            for remaining in reversed(range(bar.total)):
+                factor = run.schedule.factor(state.step)
+                if run.diagnostics.due(state.step):  # not counted as training time
+                    show(bar, state, step_log.flush())
+                    if runtime.is_main:
+                        tracker.log({"step": state.step, "epoch": epoch,
+                                     **run.diagnostics.measure(state.step, run.model, factor=factor)}, step=state.step)
+                    step_log.start_window()
+                out = train_step(run.parts, batches, state.step, factor)
+                record = {"step": state.step, "epoch": epoch, "lr": out.lr, "train/drop_rate": run.peak * factor}
+                state.step, state.epoch_steps = state.step + 1, state.epoch_steps + 1
+                due = step_log.add(record, out.loss, out.correct, out.samples)
+                save = bool(trainer.checkpoint_every) and state.step % trainer.checkpoint_every == 0
+                # A stop request is agreed on at a flush (the ranks' one collective), never per step.
+                alone = preemption.requested and not runtime.distributed
+                stop = (due or save or remaining == 0 or alone) and show(bar, state, step_log.flush(preemption.requested))
+                if stop or save:
+                    checkpoint(run, tracker)
+                if stop:
+                    tracker.preempted(RunStatus.INTERRUPTED if preemption.signal == signal.SIGINT else RunStatus.PREEMPTED)
+                    preemption.stop()
+            bar.close()
+            if end_epoch(run, tracker, epoch):
+                break
+
+        # The end: the summary, in metrics.json, wandb and the log.
+        summary = summarize(run, tracker, time.perf_counter() - run_start)
+    folder.release()
+    runtime.close()
+    return summary
+
+
+@dataclass
+class Run:
+    """Everything a run trains with, built once by `build_run`: the config and its check,
+    the process, the data, the model and its method's surgery, what one step uses
+    (`StepParts`), the drop schedule, the run's length, the counters and the diagnostics."""
+
+    cfg: DictConfig
+    checked: Checked
+    data: Data
+    report: SurgeryReport
+    parts: StepParts
+    schedule: DropSchedule
+    per_epoch: int
+    total_steps: int
+    state: TrainState
+    diagnostics: Diagnostics
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.parts.model
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.parts.runtime
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.paths.output_dir)
+
+    @property
+    def peak(self) -> float:
+        """The largest peak drop rate of the method's layers."""
+        return peak_rate(self.model)
+
+
+def build_run(cfg: DictConfig, runtime: Runtime, checked: Checked) -> Run:
+    """Build everything from the checked config: data (this rank's shard), the model with
+    its method (surgery before wrapping or compiling), optimizer, schedules, loss."""
+    trainer = cfg.trainer
     data = build_data(cfg.data, seed=cfg.seed, rank=runtime.rank, world_size=runtime.world_size)
     model = build_model(cfg.model, data.info)
-    report = apply_method(model, cfg.dropout, seed=cfg.seed)  # surgery before wrapping or compiling
+    report = apply_method(model, cfg.dropout, seed=cfg.seed)
     runtime.seed_per_rank(cfg.seed)
     per_epoch, total_steps = run_length(cfg, data.info.num_train, runtime.world_size)
-    schedule = DropSchedule.from_config(cfg.schedule, per_epoch)
     model.to(runtime.device)
     setup_run(model, total_steps, runtime.rank, runtime.world_size)
     optimizer = build_optimizer(cfg.optim, model, global_batch(cfg, runtime))  # lr scaled to the batch
@@ -85,77 +174,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         runtime=runtime, grad_accum=trainer.grad_accum, grad_clip=trainer.grad_clip,
         loss_fn=loss.fn, mix=loss.mix,
     )
-    peak, state = peak_rate(model), TrainState()
     # Off by default; on, it measures without changing training (docs/diagnostics.md).
     diagnostics = Diagnostics(cfg.diagnostics, model, data, seed=cfg.seed,
                               batch_size=cfg.data.batch_size * trainer.grad_accum)
-    resumed = restore(decision.checkpoint, parts, state, diagnostics) if decision.action == RESUME else {}
-    parts.net = wrap(model, runtime, trainer)
-
-    with RunTracker(output_dir, cfg, enabled=runtime.is_main, resumed=resumed) as tracker, \
-            Preemption() as preemption:
-        announce(tracker, cfg, data, model, report, checked, runtime, per_epoch, total_steps, schedule, state)
-        step_log = StepLog(tracker, trainer.log_every, runtime.all_reduce_sum, runtime.world_size)
-        run_start = time.perf_counter()
-        for epoch in range(state.next_epoch(), trainer.epochs + 1):
-            state.begin_epoch(epoch)
-            set_epoch(data.train, epoch - 1, state.epoch_steps * trainer.grad_accum)
-            batches = iter(data.train)
-            steps_this_epoch = min(per_epoch - state.epoch_steps, total_steps - state.step)
-            # disable=None: no bar when stderr is not a terminal (batch jobs, SLURM logs).
-            bar = tqdm(total=steps_this_epoch, desc=f"epoch {epoch}/{trainer.epochs}", leave=False,
-                       disable=None if trainer.progress and runtime.is_main else True, dynamic_ncols=True)
-            step_log.start_window()
-            for _ in range(steps_this_epoch):
-                factor = schedule.factor(state.step)
-                if diagnostics.due(state.step) and runtime.is_main:  # not counted as training time
-                    show(bar, state, step_log.flush())
-                    tracker.log({"step": state.step, "epoch": epoch,
-                                 **diagnostics.measure(state.step, model, factor=factor)}, step=state.step)
-                    step_log.start_window()
-                out = train_step(parts, batches, state.step, factor)
-                record = {"step": state.step, "epoch": epoch, "lr": out.lr, "train/drop_rate": peak * factor}
-                state.step, state.epoch_steps = state.step + 1, state.epoch_steps + 1
-                if step_log.add(record, out.loss, out.correct, out.samples):
-                    show(bar, state, step_log.flush())
-                stop = runtime.broadcast(preemption.requested)
-                if stop or (trainer.checkpoint_every and state.step % trainer.checkpoint_every == 0):
-                    show(bar, state, step_log.flush())
-                    checkpoint(output_dir, parts, state, tracker, diagnostics, cfg)
-                if stop:
-                    tracker.preempted(RunStatus.INTERRUPTED if preemption.signal == signal.SIGINT else RunStatus.PREEMPTED)
-                    preemption.stop()
-            show(bar, state, step_log.flush())
-            bar.close()
-            epoch_means = state.end_epoch()
-            last = epoch == trainer.epochs or state.step >= total_steps
-            best = False
-            if epoch % trainer.eval_every == 0 or last:
-                test = evaluate(parts.net, data.test, runtime, trainer.eval_batches)
-                best = state.record_eval(test)
-                tracker.log({"step": state.step, "epoch": epoch, **test, "best/test_acc": state.best_acc,
-                             **epoch_means}, step=state.step)
-                tracker.print(f"epoch {epoch}: train/loss {state.epoch_loss:.4f}  test/loss {test['test/loss']:.4f}  "
-                              f"test/acc {test['test/acc']:.4f}  best {state.best_acc:.4f}")
-            state.epoch_finished = True
-            checkpoint(output_dir, parts, state, tracker, diagnostics, cfg, best=best and trainer.keep_best)
-            if last:
-                break
-
-        summary = {
-            "train/loss": state.epoch_loss, **state.last_eval, "best/test_acc": state.best_acc,
-            "epoch": state.epoch, "step": state.step, "wall_time_s": time.perf_counter() - run_start,
-            "train_time_s": state.train_time, "samples_per_s": state.train_samples / max(state.train_time, 1e-9),
-            "wandb_run_id": tracker.run_id, **train_test_gap(state.epoch_means, state.last_eval),
-            **(diagnostics.evaluate(model, data.test, output_dir, trainer.eval_batches) if runtime.is_main else {}),
-        }
-        tracker.print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                            for k, v in summary.items()))
-        tracker.print(f"run folder: {output_dir}")
-        tracker.finish(summary)
-    folder.release()
-    runtime.close()
-    return summary
+    return Run(cfg, checked, data, report, parts, DropSchedule.from_config(cfg.schedule, per_epoch),
+               per_epoch, total_steps, TrainState(), diagnostics)
 
 
 class Diverged(RuntimeError):
@@ -170,84 +193,133 @@ class Diverged(RuntimeError):
                          "Lower optim.lr, clip gradients (trainer.grad_clip) or check the data.")
 
 
-def announce(tracker, cfg, data, model, report, checked, runtime, per_epoch, total_steps, schedule, state) -> None:
+def announce(run: Run, tracker: RunTracker) -> None:
     """The run's header: what trains on what, the method and its surgery, the schedule."""
+    cfg, runtime, model, report = run.cfg, run.runtime, run.model, run.report
     parameters = sum(p.numel() for p in model.parameters())
-    batch = cfg.data.batch_size
-    tracker.print(f"regdrop: {cfg.model.name} ({parameters / 1e6:.2f}M parameters) on {data.info.name}, "
-                  f"{runtime.device} x {runtime.world_size} process(es), batch {batch} per process x "
+    tracker.print(f"regdrop: {cfg.model.name} ({parameters / 1e6:.2f}M parameters) on {run.data.info.name}, "
+                  f"{runtime.device} x {runtime.world_size} process(es), batch {cfg.data.batch_size} per process x "
                   f"{cfg.trainer.grad_accum} micro-batches = {global_batch(cfg, runtime)} "
-                  f"global, {per_epoch} steps/epoch, {total_steps} steps")
+                  f"global, {run.per_epoch} steps/epoch, {run.total_steps} steps")
     tracker.print(f"optimizer: {describe_optimizer(cfg.optim, global_batch(cfg, runtime), model)}")
     tracker.print(f"loss: {describe_loss(cfg.get('loss'))}")
-    if state.step:
-        tracker.print(f"resumed at optimizer step {state.step} (epoch {state.next_epoch()})")
+    if run.state.step:
+        tracker.print(f"resumed at optimizer step {run.state.step} (epoch {run.state.next_epoch()})")
     tracker.print(f"method: {report.describe_method()}")
     tracker.print(f"surgery: {report.summary()} (surgery.txt)")
-    tracker.print(f"drop rate: peak {peak_rate(model):g}, schedule {schedule.describe()}")
-    for warning in checked.warnings:
+    tracker.print(f"drop rate: peak {run.peak:g}, schedule {run.schedule.describe()}")
+    for warning in run.checked.warnings:
         tracker.warn(warning)
     tracker.write_text(SURGERY, "\n".join(report.lines()))
     tracker.log_config_extra({"surgery": report.counts(), "method_options": report.options,
-                              "steps_per_epoch": per_epoch, "total_steps": total_steps,
+                              "steps_per_epoch": run.per_epoch, "total_steps": run.total_steps,
                               "parameters": parameters, "device": str(runtime.device),
                               "world_size": runtime.world_size})
     if runtime.is_main:
-        plot = plot_schedules([(schedule.name, schedule)], peak_rate(model), total_steps, per_epoch,
+        plot = plot_schedules([(run.schedule.name, run.schedule)], run.peak, run.total_steps, run.per_epoch,
                               tracker.output_dir / SCHEDULE_PLOT,
-                              title=f"{cfg.dropout.name}: {schedule.describe()}")
+                              title=f"{cfg.dropout.name}: {run.schedule.describe()}")
         tracker.log_image("drop_schedule", plot)
 
 
+def start_epoch(run: Run, epoch: int) -> tuple[Iterator, tqdm]:
+    """Begin ``epoch`` (or continue the unfinished one a resume left): its batches, from
+    the data position, and a progress bar whose total is the steps it still has."""
+    state, trainer = run.state, run.cfg.trainer
+    state.begin_epoch(epoch)
+    set_epoch(run.data.train, epoch - 1, state.epoch_steps * trainer.grad_accum)
+    steps = min(run.per_epoch - state.epoch_steps, run.total_steps - state.step)
+    # disable=None: no bar when stderr is not a terminal (batch jobs, SLURM logs).
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{trainer.epochs}", leave=False,
+               disable=None if trainer.progress and run.runtime.is_main else True, dynamic_ncols=True)
+    return iter(run.data.train), bar
+
+
+def end_epoch(run: Run, tracker: RunTracker, epoch: int) -> bool:
+    """Close ``epoch``: evaluate when due, keep the best, write the checkpoint; True when
+    it was the run's last."""
+    state, trainer = run.state, run.cfg.trainer
+    epoch_means = state.end_epoch()
+    last = epoch == trainer.epochs or state.step >= run.total_steps
+    best = False
+    if epoch % trainer.eval_every == 0 or last:
+        test = evaluate(run.parts.net, run.data.test, run.runtime, trainer.eval_batches)
+        best = state.record_eval(test)
+        tracker.log({"step": state.step, "epoch": epoch, **test, "best/test_acc": state.best_acc,
+                     **epoch_means}, step=state.step)
+        tracker.print(f"epoch {epoch}: train/loss {state.epoch_loss:.4f}  test/loss {test['test/loss']:.4f}  "
+                      f"test/acc {test['test/acc']:.4f}  best {state.best_acc:.4f}")
+    state.epoch_finished = True
+    checkpoint(run, tracker, best=best and trainer.keep_best)
+    return last
+
+
+def summarize(run: Run, tracker: RunTracker, wall_time_s: float) -> dict:
+    """The run's final metrics (with the diagnostics' end-of-run measures), printed and
+    handed to the tracker (metrics.json, the wandb summary)."""
+    state, trainer = run.state, run.cfg.trainer
+    summary = {
+        "train/loss": state.epoch_loss, **state.last_eval, "best/test_acc": state.best_acc,
+        "epoch": state.epoch, "step": state.step, "wall_time_s": wall_time_s,
+        "train_time_s": state.train_time, "samples_per_s": state.train_samples / max(state.train_time, 1e-9),
+        "wandb_run_id": tracker.run_id, **train_test_gap(state.epoch_means, state.last_eval),
+        **(run.diagnostics.evaluate(run.model, run.data.test, run.output_dir, trainer.eval_batches)
+           if run.runtime.is_main else {}),
+    }
+    tracker.print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in summary.items()))
+    tracker.print(f"run folder: {run.output_dir}")
+    tracker.finish(summary)
+    return summary
+
+
 def wrap(model: torch.nn.Module, runtime: Runtime, trainer: DictConfig):
-    """The module the steps call: DDP around the model under data parallelism (told of
-    skipped branches), compiled when asked."""
+    """The module the steps call: under data parallelism DDP around the model, or, when a
+    step may skip branches (block-mode stochastic depth), `GradientAllReduce` (no
+    ``find_unused_parameters`` graph walk); compiled when asked."""
     net = model
-    if runtime.distributed:
-        devices = [runtime.device] if runtime.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=devices,
-                                      find_unused_parameters=has_unused_parameters(model))
+    if runtime.distributed and has_unused_parameters(model):
+        net = GradientAllReduce(model, runtime.world_size)
+    elif runtime.distributed:
+        net = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
     return torch.compile(net, backend=trainer.compile_backend) if trainer.compile else net
 
 
-def checkpoint(output_dir: Path, parts: StepParts, state: TrainState, tracker: RunTracker, diagnostics,
-               cfg: DictConfig, best: bool = False) -> None:
+def checkpoint(run: Run, tracker: RunTracker, best: bool = False) -> None:
     """Write the run's checkpoint (rank 0; every rank's random state gathered into it)."""
-    runtime = parts.runtime
+    runtime, parts = run.runtime, run.parts
     finite = torch.stack([p.detach().isfinite().all() for p in parts.model.parameters()]).all()
     if not bool(finite):
-        raise Diverged(state.step, output_dir)
-    rng = runtime.gather(rng_state())
+        raise Diverged(run.state.step, run.output_dir)
+    rng = runtime.gather(capture_global_state())
     if not runtime.is_main:
         return
-    payload = {
-        "config_hash": config_hash(cfg), "model": parts.model.state_dict(),
-        "optimizer": parts.optimizer.state_dict(), "lr_schedule": parts.lr_schedule.state_dict(),
-        "scaler": parts.scaler.state_dict(), "state": state.state_dict(), "rng": rng,
-        "metrics_bytes": tracker.metrics_bytes(), "wandb_run_id": tracker.run_id,
-        "diagnostics_initial": diagnostics.initial, "world_size": runtime.world_size,
-    }
-    save_atomically(payload, output_dir / CHECKPOINT, keep_previous=True)  # checkpoint.prev.pt: the one before
-    tracker.log_checkpoint(output_dir / CHECKPOINT, "last")  # a wandb artifact if logger.log_checkpoints asks
+    facts = {"config_hash": config_hash(run.cfg), "metrics_bytes": tracker.metrics_bytes(),
+             "wandb_run_id": tracker.run_id, "diagnostics_initial": run.diagnostics.initial,
+             "world_size": runtime.world_size}
+    payload = checkpoint_payload(stateful(parts), run.state, rng, facts)
+    path = run.output_dir / CHECKPOINT
+    save_atomically(payload, path, keep_previous=True)  # checkpoint.prev.pt: the one before
+    tracker.log_checkpoint(path, "last")  # a wandb artifact if logger.log_checkpoints asks
     if best:
-        save_atomically(payload, output_dir / BEST)
-        tracker.log_checkpoint(output_dir / BEST, "best")
+        save_atomically(payload, run.output_dir / BEST)
+        tracker.log_checkpoint(run.output_dir / BEST, "best")
 
 
-def restore(path: Path, parts: StepParts, state: TrainState, diagnostics) -> dict:
-    """Load a checkpoint into the model, optimizer, schedules, scaler, train state, random
-    generators and diagnostics; return what the tracker needs (metrics length, wandb id)."""
+def restore(run: Run, path: Path) -> dict:
+    """Load a checkpoint into the run (this rank's random state); return what the tracker
+    needs (metrics length, wandb id)."""
     saved = load_checkpoint(path)
-    parts.model.load_state_dict(saved["model"])
-    parts.optimizer.load_state_dict(saved["optimizer"])
-    parts.lr_schedule.load_state_dict(saved["lr_schedule"])
-    parts.scaler.load_state_dict(saved["scaler"])
-    state.load_state_dict(saved["state"])
-    rank = parts.runtime.rank
-    set_rng_state(saved["rng"][rank if rank < len(saved["rng"]) else 0])
+    restore_global_state(restore_checkpoint(saved, stateful(run.parts), run.state, run.runtime.rank))
     if saved.get("diagnostics_initial"):
-        diagnostics.initial = [t.to(parts.runtime.device) for t in saved["diagnostics_initial"]]
+        run.diagnostics.initial = [t.to(run.runtime.device) for t in saved["diagnostics_initial"]]
     return saved
+
+
+def stateful(parts: StepParts) -> dict[str, Any]:
+    """The objects whose ``state_dict`` a checkpoint holds, by their key in it."""
+    return {"model": parts.model, "optimizer": parts.optimizer, "lr_schedule": parts.lr_schedule,
+            "scaler": parts.scaler}
 
 
 def global_batch(cfg: DictConfig, runtime: Runtime) -> int:
@@ -326,6 +398,10 @@ def train_step(parts: StepParts, batches: Iterator, step: int, factor: float) ->
         loss_sum += loss.detach()
         correct += (predictions(logits.detach()).argmax(-1) == hard_labels(y)).sum()
         samples += len(y)
+    # Without DDP's reducer (a model that skips branches): the step's one all-reduce.
+    reducer = getattr(parts.net, "_orig_mod", parts.net)
+    if isinstance(reducer, GradientAllReduce):
+        reducer.all_reduce_gradients()
     if parts.grad_clip is not None:
         parts.scaler.unscale_(parts.optimizer)
         torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.grad_clip)
@@ -360,9 +436,9 @@ def evaluate(net, loader, runtime: Runtime, max_batches: int | None = None) -> d
     return {"test/loss": loss / count, "test/acc": right / count}
 
 
-def show(bar: tqdm, state: TrainState, values) -> None:
+def show(bar: tqdm, state: TrainState, values: StepValues) -> bool:
     """Count a read of the step log into the train state and the progress bar; stop on a
-    loss that is not finite."""
+    loss that is not finite. True when the ranks agreed to stop (`StepLog.flush`)."""
     for step, loss in zip(values.steps, values.losses, strict=True):
         if not math.isfinite(loss):
             raise Diverged(step)
@@ -372,3 +448,4 @@ def show(bar: tqdm, state: TrainState, values) -> None:
         samples = values.samples[-1]
         bar.set_postfix(loss=f"{values.losses[-1]:.3f}", acc=f"{values.correct[-1] / samples:.3f}",
                         samples_s=f"{sum(values.samples) / max(values.seconds, 1e-9):.0f}")
+    return values.stop

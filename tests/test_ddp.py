@@ -28,7 +28,7 @@ STEPS, BATCH, WORLD = 4, 8, 2  # BATCH per process; the global batch is BATCH * 
 CASES = {
     "gyro": ({"name": "lenet", "width": 0.125}, {"name": "gyro", "p": 0.5, "sigma": 8, "tau": 4, "seed": 3}),
     "block": ({"name": "vit_tiny", "depth": 3, "embed_dim": 32, "num_heads": 2, "patch_size": 4},
-              {"name": "stochastic_depth", "drop_rate": 0.5, "mode": "block", "seed": 3}),
+              {"name": "stochastic_depth", "p": 0.5, "mode": "block", "seed": 3}),
 }
 
 
@@ -51,10 +51,14 @@ def run_steps(case: str, rank: int, world_size: int) -> dict:
         keep = gate.keep
         gate.keep = lambda keep=keep: drawn.append(keep()) or drawn[-1]
     runtime = Runtime(torch.device("cpu"), None, rank, world_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # Momentum and weight decay: a skipped branch given a zero gradient instead of none
+    # would still move (as it does not on one process).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
     parts = StepParts(model, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
                       torch.amp.GradScaler("cpu", enabled=False), runtime)
     parts.net = wrap(model, runtime, OmegaConf.create({"compile": False}))
+    # No find_unused_parameters graph walk after every forward, block mode included.
+    assert not getattr(parts.net, "find_unused_parameters", False)
     record = {"loss": [], "params": [], "selection": []}
     for step, (x, y) in enumerate(global_batches(STEPS)):
         local = slice(rank * BATCH, (rank + 1) * BATCH) if world_size > 1 else slice(None)

@@ -36,7 +36,7 @@ KILL_AT = 9
 # micro-batches = 32 a step, 3 steps an epoch; optim.lr is the rate at batch 64, so the run
 # uses half of it.
 ACCUMULATED = [*SMALL, *TINY_MODELS["vit_tiny"], "dropout=stochastic_depth", "dropout.mode=block",
-               "dropout.drop_rate=0.5", "data.batch_size=8", "trainer.grad_accum=2", "optim.reference_batch=64",
+               "dropout.p=0.5", "data.batch_size=8", "trainer.grad_accum=2", "optim.reference_batch=64",
                "optim.lr=0.2"]
 
 
