@@ -160,6 +160,7 @@ def test_every_table_has_its_committed_report_linked_from_both_readmes():
 
 
 NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?:\.\d+)?(?![\w])")
+GENERATED = re.compile(r"<!-- generated: ([\w ]+) -->.*?<!-- end generated: \1 -->", re.S)
 
 
 def test_every_number_of_the_results_pages_is_in_a_committed_report():
@@ -169,7 +170,8 @@ def test_every_number_of_the_results_pages_is_in_a_committed_report():
     scale" lines appears in a report of its table. Dates, commits and counts in the
     section headings and links are of the linked files too."""
     results = ROOT / "docs" / "results"
-    index = (results / "README.md").read_text()
+    # The generated blocks are checked whole against their reports by the next test.
+    index = GENERATED.sub("", (results / "README.md").read_text())
     sections = re.split(r"^## ", index, flags=re.M)
     checked = 0
     for section in sections:
@@ -189,7 +191,7 @@ def test_every_number_of_the_results_pages_is_in_a_committed_report():
                 (section.splitlines()[0], number)
             checked += 1
     assert checked > 100
-    readme = (ROOT / "README.md").read_text()
+    readme = GENERATED.sub("", (ROOT / "README.md").read_text())
     lines = readme.split("### Results at mini scale", 1)[1].split("\n## ", 1)[0]
     for item in re.findall(r"^- \[.*?(?=^- \[|\Z)", lines, flags=re.M | re.S):
         table = re.search(r"docs/results/(\w+)/report\.md", item).group(1)
@@ -200,6 +202,65 @@ def test_every_number_of_the_results_pages_is_in_a_committed_report():
             assert number in sources or number.replace(",", "") in sources, (table, number)
     assert "reproduced" not in lines.replace("No claim is reproduced or refuted", "")
     assert not re.search(r"\*\*(held|not held|reproduced)\*\*", index, flags=re.I)
+
+
+def test_the_results_pages_are_what_the_committed_reports_give():
+    """docs/results/README.md's current-setting blocks and the README's summary lines are
+    exactly what `python -m regdrop.report.index` makes of the committed report.json files."""
+    from regdrop.report.index import main
+
+    assert main(["--check", "--root", str(ROOT)]) == 0
+
+
+def test_the_index_writes_a_tables_claims_from_its_report_and_only_for_its_current_setting(tmp_path):
+    """A table whose report.json was made with the present experiment file and rows gets
+    its regime, claims (verdict, interval) and cells on the page and its verdicts in the
+    README's line; a row file changed since makes it "not run" again."""
+    from regdrop.report import main as report
+    from regdrop.report.index import generate
+    from tests.test_report import config_of, finished_job
+
+    root = tmp_path / "project"
+    (root / "conf" / "arm").mkdir(parents=True)
+    (root / "conf" / "experiment").mkdir()
+    experiment = root / "conf" / "experiment" / "mini_gyro.yaml"
+    experiment.write_bytes((CONF / "experiment" / "mini_gyro.yaml").read_bytes())
+    rows = yaml.safe_load(experiment.read_text())["hydra"]["sweeper"]["params"]["arm"].split(",")
+    for row in rows:
+        (root / "conf" / "arm" / f"{row}.yaml").write_bytes((CONF / "arm" / f"{row}.yaml").read_bytes())
+    results = root / "docs" / "results"
+    results.mkdir(parents=True)
+    (results / "README.md").write_text("".join(f"## {t}\n<!-- generated: {t} -->\n<!-- end generated: {t} -->\n"
+                                              for t in SMOKE_ROW))
+    (root / "README.md").write_text("### Results at mini scale\n<!-- generated: results summary -->\n"
+                                    "<!-- end generated: results summary -->\n")
+    runs = tmp_path / "runs"
+    table = {"rows": ["dropout.name"], "baseline": "standard",
+             "regime": {"needs": "overfitting", "min_gap": 0.0},
+             "claims": [{"better": "gyro", "than": "standard", "metric": "best/test_acc", "paper": "gyro wins"}]}
+    for seed, (gyro, standard) in enumerate([(0.80, 0.70), (0.81, 0.72), (0.79, 0.71)]):
+        for method, acc in (("gyro", gyro), ("standard", standard)):
+            finished_job(runs / f"{method}{seed}", [f"dropout={method}", f"seed={seed}"],
+                         config_of(method, 0.5, seed, table=table), acc)
+    assert report([str(runs), "--out", str(results / "gyro"), "--no-figures"]) == 0
+    setting = [experiment, *(root / "conf" / "arm" / f"{row}.yaml" for row in rows)]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in setting)).hexdigest()
+    (results / "gyro" / "run_info.txt").write_text(
+        "command: bash scripts/mini_table.sh gyro (SEEDS=0,1,2)\ngit commit: 0123456789abcdef\n"
+        f"setting files: {' '.join(str(p.relative_to(root)) for p in setting)}\n"
+        f"setting sha256 (the setting files, concatenated in that order): {digest}\n")
+    pages = generate(root)
+    page, line = pages[results / "README.md"], pages[root / "README.md"]
+    claim = json.loads((results / "gyro" / "report.json").read_text())["claims"][0]
+    assert claim["verdict"] == "held" and claim["test"] == "paired t (by seed)"
+    assert "`gyro` > `standard`" in page and "**held**" in page and f"{claim['difference']:+.2f}" in page
+    assert f"[{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}]" in page and "commit 0123456" in page
+    assert "`gyro` > `standard` held" in line
+    assert page.count("has not been run") == 4  # the four other tables
+    (root / "conf" / "arm" / f"{rows[0]}.yaml").write_text("# changed\n")
+    pages = generate(root)
+    assert pages[results / "README.md"].count("has not been run") == 5
+    assert "held" not in pages[root / "README.md"]
 
 
 def test_a_rerun_with_another_setting_keeps_the_earlier_report_in_history(tmp_path):
