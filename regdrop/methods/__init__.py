@@ -56,6 +56,7 @@ REGISTERED = (
     "multisample",
     "stochastic_depth",
     "dropblock",
+    "rdrop",
 )
 REGISTRY: dict[str, Method] = {
     name: importlib.import_module(f"regdrop.methods.{name}").METHOD for name in REGISTERED
