@@ -196,6 +196,14 @@ PAPER: dict[str, dict] = {
                    "schedule.name": "warmup", "schedule.warmup_epochs": 300, "trainer.epochs": 300},
         "sweep": {"dropout.p": ["0.0", "0.1"], "data": ["cifar10", "cifar100"], "seed": ["0", "1", "2"]},
     },
+    "rdrop_vit_cifar100": {  # the official ViT code's recipe, from scratch (no pretrained weights offline)
+        "values": {"model.name": "vit_base", "data.name": "cifar100", "data.batch_size": 512,
+                   "dropout.name": "rdrop", "dropout.alpha": 0.3, "dropout.base": "standard",
+                   "dropout.base_options": {"p": 0.1, "sites": ["fc", "token"]}, "optim.name": "sgd",
+                   "optim.lr": 0.01, "optim.momentum": 0.9, "optim.weight_decay": 0.0, "lr.name": "cosine",
+                   "lr.warmup_epochs": 5.12, "trainer.grad_clip": 1.0, "trainer.epochs": 2048},
+        "sweep": {"arm": ["rdrop_dropout", "rdrop_rdrop"], "seed": ["0", "1", "2"]},
+    },
     "inoue_multisample_cifar": {
         "values": {"model.name": "vgg16", "data.name": "cifar10", "dropout.name": "multisample", "dropout.p": 0.5,
                    "dropout.samples": 8, "data.augment": True},
