@@ -219,7 +219,7 @@ def _swept_keys(sweep_dir: Path, hydra, task: list[str]) -> list[str]:
 
 
 def _with_choices(cfg: DictConfig, experiment: str | None) -> DictConfig:
-    """``cfg`` with the experiment Hydra chose, as `regdrop.runfolder.run_name` reads it."""
+    """``cfg`` with the experiment Hydra chose, as `regdrop.identity.run_name` reads it."""
     if experiment is None or OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None):
         return cfg
     copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))

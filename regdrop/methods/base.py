@@ -421,9 +421,6 @@ class SurgeryReport:
         new_name = new if isinstance(new, str) else type(new).__name__
         self.changes.append((name, old_name, new_name))
 
-    def extend(self, other: SurgeryReport) -> None:
-        self.changes.extend(other.changes)
-
     def describe_method(self) -> str:
         """``gyro (p=0.5, sigma=1024, tau=8, ...)``: the method and every hyper-parameter used."""
         options = ", ".join(f"{key}={value}" for key, value in self.options.items())

@@ -45,8 +45,9 @@ the gates take their place.
 Peer shortcomings fixed here (Composer 0.32): BasicBlock (ResNet-18) is supported, not
 only Bottleneck; gate draws live in the ``state_dict`` (exact resume); every rank draws the
 same gates (generators are seeded from ``seed``, not the rank), so DDP ranks skip the same
-branches and stay in step (DDP still needs ``find_unused_parameters=True`` in block mode,
-since a dropped branch's parameters get no gradient). Block mode decides in Python whether
+branches and stay in step; under data parallelism the trainer averages block mode's
+gradients in one flat all-reduce (`regdrop.runtime.GradientAllReduce`) instead of DDP's
+``find_unused_parameters``, since a dropped branch's parameters get no gradient. Block mode decides in Python whether
 to run a branch: ``torch.compile`` breaks the graph at every gate (compile sample mode, or
 run block mode eagerly), and activation checkpointing would redraw the gate on
 recomputation, so do not combine block mode with it.

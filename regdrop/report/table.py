@@ -315,7 +315,7 @@ def swept_keys(jobs: Sequence[Job], launched: Sequence[str] = ()) -> list[str]:
     """The override keys whose value differs across ``jobs`` (in first-seen order), then
     the keys the sweeps were ``launched`` with several values of (a job that never got a
     folder still has its own cell), without the seed and the keys that do not change a
-    result (`NOT_SWEPT`)."""
+    result (`regdrop.runfolder.OUTSIDE_RESULT`)."""
     keys: list[str] = []
     for job in jobs:
         for written in job.overrides:
