@@ -287,3 +287,22 @@ def test_no_host_read_between_logged_steps(make_config, monkeypatch, method):
     assert len(steps) == 8 and steps == [0] * 8
     assert reads == [], f"host reads outside the log flushes and evaluations: {reads}"
     assert len(records(cfg, "train/loss")) == 8  # every step still has its record
+
+
+def test_train_is_at_most_60_lines_and_no_function_of_the_loop_takes_more_than_four_parameters():
+    # The loop reads top to bottom like nanoGPT's; its state travels in a Run, not in long
+    # argument lists (methods count self).
+    import inspect
+
+    import regdrop.checkpoint
+
+    assert len(inspect.getsource(train).splitlines()) <= 60
+    for module in (regdrop.train, regdrop.checkpoint):
+        functions = [f for _, f in inspect.getmembers(module, inspect.isfunction) if f.__module__ == module.__name__]
+        classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+        functions += [f for c in classes for f in vars(c).values()
+                      if inspect.isfunction(f) and f.__module__ == module.__name__]
+        assert functions
+        wide = {f.__qualname__: len(inspect.signature(f).parameters) for f in functions
+                if len(inspect.signature(f).parameters) > 4 and f.__name__ != "__init__"}
+        assert not wide, wide
