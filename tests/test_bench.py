@@ -33,7 +33,14 @@ def test_tiny_run_writes_json_and_markdown_with_every_section(tmp_path, capsys):
     markdown = (out / "bench.md").read_text()
 
     sections = {c["section"] for c in report["comparisons"]}
-    assert sections == {"steps", "layers", "compile"}
+    assert sections == {"steps", "layers", "compile", "ddp"}
+    # Data parallelism, 2 gloo processes: each change before and after, against one process.
+    ddp = {c["case"].split(";")[0]: c for c in report["comparisons"] if c["section"] == "ddp"}
+    assert set(ddp) == {"no method: DDP step, stop flag", "block-wise stochastic depth (linear 0.5): data parallelism"}
+    for comparison in ddp.values():
+        assert "one process" in comparison["timings"] and len(comparison["timings"]) == 3
+        assert any(t.startswith("before") for t in comparison["timings"])
+        assert any(t.startswith("after") for t in comparison["timings"])
     steps = [c for c in report["comparisons"] if c["section"] == "steps"]
     assert [c["case"].split(" ")[0] for c in steps] == ["lenet", "resnet18"]
     resnet = next(c for c in steps if c["case"].startswith("resnet18"))
@@ -184,3 +191,18 @@ def test_the_point_value_alone_does_not_decide_a_noisy_target():
 
     line = targets_table([target]).splitlines()[-1]
     assert f"[{target.interval[0]:.3f}, {target.interval[1]:.3f}]" in line and line.endswith("| unresolved |")
+
+
+def test_every_figure_on_the_benchmarks_page_is_in_a_committed_bench_report():
+    # docs/benchmarks.md quotes figures only from bench.md files committed under docs/bench/.
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    figures = docs.joinpath("benchmarks.md").read_text().split("## Figures", 1)[1]
+    reports = " ".join(p.read_text() for p in sorted(docs.glob("bench/*/bench.md")))
+    quoted = re.findall(r"\d+\.\d{3}", figures)
+    assert quoted, "the Figures section quotes no ratio"
+    assert [q for q in quoted if q not in reports] == []
+    for link in re.findall(r"\]\((bench/[^)]+)\)", figures):
+        assert (docs / link).is_file(), link

@@ -4,4 +4,5 @@ import sys
 
 from regdrop.bench.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # the ddp section's spawned processes import this module too
+    sys.exit(main())

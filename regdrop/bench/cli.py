@@ -26,7 +26,7 @@ from regdrop.bench.steps import ModelCase
 from regdrop.bench.timing import CLOCKS, say
 from regdrop.runtime import Runtime
 
-SECTIONS = ("steps", "layers", "data", "compile")
+SECTIONS = ("steps", "layers", "data", "compile", "ddp")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class Size:
     compile_cutoff: int = 16
     compile_backend: str = "inductor"
     compile_case: ModelCase = ModelCase("lenet", 1, 28, 128, {"width": 0.125})
+    ddp_case: ModelCase = ModelCase("resnet18", 3, 32, 32, {"width": 0.25})  # per process
 
 
 SIZES = {
@@ -79,6 +80,7 @@ SIZES = {
                 "workers": 1, "width": 0.0625},
         compile_steps=4, compile_cutoff=3, compile_backend="eager",
         compile_case=ModelCase("lenet", 1, 28, 16, {"width": 0.125}),
+        ddp_case=ModelCase("resnet18", 3, 16, 8, {"width": 0.0625}),
     ),
 }
 
@@ -214,6 +216,16 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> Results:
             seed=args.seed, case=size.compile_case, clock=clock)
         results.facts["compile"] = facts
         results.comparisons.append(comparison)
+    if "ddp" in args.sections and device.type == "cpu":
+        from regdrop.bench.ddp import ddp_comparisons
+
+        say("data parallelism: 2 gloo processes, before and after the loop's changes")
+        comparisons, notes = ddp_comparisons(size.ddp_case, repeats=size.repeats, warmup=size.warmup,
+                                             seed=args.seed)
+        results.comparisons += comparisons
+        results.notes += notes
+    elif "ddp" in args.sections:
+        results.notes.append("ddp: measured with gloo on the CPU only; skipped on this device")
     results.context["wall_s"] = time.perf_counter() - started
     results.context["load_after"] = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     results.targets = evaluate_targets(results)

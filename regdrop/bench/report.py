@@ -199,6 +199,16 @@ def evaluate_targets(results: Results) -> list[Target]:
                **r("steps", "resnet18", "multisample M=8", "multisample M=1"), limit=1.10,
                what="train_step"),
     ]
+    targets += [
+        Target("data parallelism: DDP step, stop flag at log flushes / broadcast every step",
+               **r("ddp", "no method", "after: DDP, flag at log flushes",
+                   "before: stop-flag broadcast every step"), limit=1.0,
+               what="2 gloo processes, resnet18 step; at most 1: the change costs nothing"),
+        Target("data parallelism, block-wise s.d.: flat all-reduce / DDP find_unused_parameters",
+               **r("ddp", "block-wise", "after: flat gradient all-reduce",
+                   "before: DDP find_unused_parameters"), limit=1.0,
+               what="2 gloo processes, resnet18 step; at most 1: the change costs nothing"),
+    ]
     compile_facts = results.facts.get("compile")
     recompiles = None
     if compile_facts is not None:
