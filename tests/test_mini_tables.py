@@ -255,7 +255,7 @@ def test_the_index_writes_a_tables_claims_from_its_report_and_only_for_its_curre
     assert claim["verdict"] == "held" and claim["test"] == "paired t (by seed)"
     assert "`gyro` > `standard`" in page and "**held**" in page and f"{claim['difference']:+.2f}" in page
     assert f"[{claim['ci_low']:+.2f}, {claim['ci_high']:+.2f}]" in page and "commit 0123456" in page
-    assert "`gyro` > `standard` held" in line
+    assert f"`gyro` > `standard` ({claim['metric']}) held" in line
     assert page.count("has not been run") == 4  # the four other tables
     (root / "conf" / "arm" / f"{rows[0]}.yaml").write_text("# changed\n")
     pages = generate(root)

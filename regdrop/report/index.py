@@ -175,7 +175,7 @@ def summary_line(folder: str, name: str, paper: str, report: TableReport | None)
     claims = report.data.get("claims", [])
     if not claims:
         return f"- {link}: no claim declared."
-    verdicts = "; ".join(f"{claim_name(c)} {c['verdict']}" for c in claims)
+    verdicts = "; ".join(f"{claim_name(c)} ({c['metric']}) {c['verdict']}" for c in claims)
     return f"- {link}: {verdicts}."
 
 
