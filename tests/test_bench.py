@@ -206,3 +206,19 @@ def test_every_figure_on_the_benchmarks_page_is_in_a_committed_bench_report():
     assert [q for q in quoted if q not in reports] == []
     for link in re.findall(r"\]\((bench/[^)]+)\)", figures):
         assert (docs / link).is_file(), link
+
+
+def test_a_method_added_to_the_registry_is_benchmarked_with_no_edit_of_the_benchmark(monkeypatch):
+    from regdrop.bench.steps import registered_methods
+    from regdrop.methods import REGISTRY
+    from regdrop.methods.method import Method
+    from regdrop.methods.standard import StandardOptions, apply_standard_dropout, check
+
+    dummy = Method("dummy", StandardOptions, apply_standard_dropout, check)
+    monkeypatch.setitem(REGISTRY, "dummy", dummy)
+    assert ("dummy", "dummy", {}) in registered_methods()
+    case = ModelCase("lenet", 1, 28, 8, {"width": 0.125})
+    (comparison,), _ = step_comparisons([case], Runtime(torch.device("cpu"), None), repeats=2, warmup=1,
+                                        min_time_s=0.0)
+    assert "dummy" in comparison.timings and ("dummy", "none") in comparison.pairs
+    assert comparison.timings["dummy"].median_s > 0
