@@ -119,3 +119,14 @@ def test_bad_base_options_and_a_negative_alpha_name_their_keys():
     with pytest.raises(ConfigError) as err:
         check_method({"name": "rdrop", "alpha": -1})
     assert err.value.key == "dropout.alpha"
+
+
+def test_the_documented_command_line_sets_a_base_option(tmp_path):
+    # README and the card: `python train.py dropout=rdrop +dropout.base_options.p=0.1`.
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["dropout=rdrop", "+dropout.base_options.p=0.1"], tmp_path)
+    net = Net()
+    report = apply_method(net, cfg.dropout, seed=0)
+    assert report.options["base_options"] == {"p": 0.1}
+    assert [layer.peak for layer in drop_modules(net)] == [pytest.approx(0.1)]
