@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from regdrop.bench.report import Comparison
-from regdrop.bench.steps import ModelCase, config, make_batches, optimizer_and_schedule
+from regdrop.bench.steps import TOTAL_STEPS, ModelCase, config, make_batches, optimizer_and_schedule
 from regdrop.bench.timing import Candidate, Timing, measure, summarise
 from regdrop.methods import apply_method, setup_run
 from regdrop.runtime import GradientAllReduce
@@ -95,7 +95,7 @@ def _worker(rank: int, folder: str, case: ModelCase, repeats: int, warmup: int, 
             model = case.build()
             if depth is not None:
                 apply_method(model, config("dropout", "stochastic_depth", **depth), seed=seed)
-            setup_run(model, 100_000)
+            setup_run(model, TOTAL_STEPS)
             candidates = [Candidate(ONE_PROCESS, _step(copy.deepcopy(model), "none", batches))]
             candidates += [Candidate(name, _step(copy.deepcopy(model), how, batches)) for name, how in wrappings.items()]
             timings = measure(candidates, repeats=repeats, warmup=warmup, min_time_s=0.0)

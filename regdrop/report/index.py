@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from regdrop.report.evidence import write_text_atomic
+from regdrop.report.markdown import seeds_text
+from regdrop.report.table import ACCURACY_METRICS
+
 # (folder, link text, paper) of each mini table, in the pages' order.
 TABLES = (
     ("gyro", "Gyro dropout", "Lee et al."),
@@ -32,7 +36,6 @@ TABLES = (
     ("dropout_variants", "Dropout, spatial dropout, DropConnect", "Srivastava et al.; Tompson et al.; Wan et al."),
 )
 SUMMARY = "results summary"
-ACCURACY_UNIT = "%"
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def _number(value: float | None, digits: int, sign: bool = False) -> str:
 
 
 def _digits(metric: str) -> int:
-    return 2 if metric.endswith("acc") else 4
+    return 2 if metric in ACCURACY_METRICS else 4
 
 
 def _summary(summary: dict[str, Any] | None, digits: int) -> str:
@@ -83,24 +86,17 @@ def _interval(low: float | None, high: float | None, digits: int) -> str:
     return f"[{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
-def seeds_phrase(needed: int | None) -> str:
-    if needed is None:
-        return "no difference observed to size seeds by"
-    if needed > 1000:
-        return "more than 1,000 seeds per row would be needed to find the observed difference"
-    return f"about {needed} seeds per row would find the observed difference at 80% power"
-
-
 def claim_verdict(claim: dict[str, Any]) -> str:
     """The verdict in bold, and for an inconclusive claim what n would resolve it."""
     text = f"**{claim['verdict']}**"
     if claim["verdict"] == "inconclusive":
         digits = _digits(claim["metric"])
-        unit = " points" if claim["metric"].endswith("acc") else ""
+        unit = " points" if claim["metric"] in ACCURACY_METRICS else ""
         detectable = claim.get("detectable")
         if detectable is not None:
             text += f"; the smallest difference these seeds detect: {detectable:.{digits}f}{unit}"
-        text += f"; {seeds_phrase(claim.get('seeds_needed'))}"
+        needed = claim.get("seeds_needed")
+        text += f"; {seeds_text(needed)}" + ("" if needed is None else " at 80% power")
     elif claim["verdict"] == "too few seeds" and claim.get("why_not_paired"):
         text += f" ({claim['why_not_paired']})"
     return text
@@ -197,7 +193,6 @@ def is_current(report: TableReport | None, root: Path) -> bool:
     recorded = next((v for k, v in report.run_info.items() if k.startswith("setting sha256")), None)
     if not files or recorded is None:
         return False
-
     try:
         digest = hashlib.sha256(b"".join((root / f).read_bytes() for f in files)).hexdigest()
     except OSError:
@@ -239,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
         return 1 if stale else 0
     for path in stale:
-        path.write_text(pages[path])
+        write_text_atomic(path, pages[path])
         print(f"wrote {path}")
     return 0
 
